@@ -1,0 +1,191 @@
+"""Checkpoints as safetensors files: arrays plus a JSON metadata blob.
+
+safetensors is used rather than pickle/np.savez because loading it can never
+execute code, and the format is readable from other frameworks.
+
+Layout: the tensors are stored under their names; the safetensors header
+metadata (which must be ``dict[str, str]``) holds
+
+* ``"format": "tinytensor-ckpt-v1"``
+* ``"tinytensor": json.dumps(metadata)`` -- any JSON-serialisable dict
+  (model config, tokenizer JSON, step, optimizer hyper-parameters, ...).
+
+Example::
+
+    from gpt.checkpoint import save_checkpoint, load_checkpoint
+    save_checkpoint("out/ckpt.safetensors",
+                    {"wte": wte, "step": np.array(1000)},
+                    {"config": {"n_layer": 4}, "step": 1000})
+    tensors, meta = load_checkpoint("out/ckpt.safetensors")
+
+Saving is atomic: the file is written under a temporary name in the same
+directory, fsynced, and renamed over ``path``; an interrupted save leaves the
+previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT", "METADATA_KEY"]
+
+FORMAT = "tinytensor-ckpt-v1"
+METADATA_KEY = "tinytensor"
+
+# dtypes safetensors can store and NumPy can represent
+_SUPPORTED_DTYPES = {
+    np.dtype(t)
+    for t in (
+        np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32,
+        np.uint64, np.int64, np.float16, np.float32, np.float64,
+    )
+}
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written or read; the message says why and what to do."""
+
+
+def _to_numpy(name: str, value: Any) -> np.ndarray:
+    # CuPy arrays (and similar device arrays) expose .get() to copy to the host.
+    if not isinstance(value, np.ndarray) and callable(getattr(value, "get", None)) \
+            and not isinstance(value, dict):
+        value = value.get()
+    arr = np.asarray(value)
+    if arr.dtype not in _SUPPORTED_DTYPES:
+        raise CheckpointError(
+            f"tensor {name!r} has dtype {arr.dtype}, which a checkpoint cannot store "
+            f"(supported: bool, (u)int8-64, float16/32/64)"
+        )
+    # Not np.ascontiguousarray: it turns 0-d arrays into shape (1,).
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
+    return arr
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename durable; directories cannot be opened on every OS.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: Union[str, os.PathLike], tensors: dict, metadata: dict
+) -> Path:
+    """Atomically write ``tensors`` (name -> array) and ``metadata`` to ``path``.
+
+    Arrays may be NumPy arrays or objects with ``.get()`` (CuPy). Parent
+    directories are created. Returns the path written.
+
+    Raises:
+        CheckpointError: bad names, unsupported dtypes, non-JSON metadata, or
+            ``path`` is a directory. I/O errors during the write propagate
+            unchanged after the temporary file has been removed.
+    """
+    from safetensors.numpy import save as safetensors_save
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a directory: {path}; pass a file path such as {path / 'ckpt.safetensors'}")
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
+        arrays[name] = _to_numpy(name, value)
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        meta_json = json.dumps(metadata)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
+    header = {"format": FORMAT, METADATA_KEY: meta_json}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the target, so os.replace is a rename on one filesystem
+    # (atomic); the pid keeps concurrent writers from sharing a temp file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        # Serialise to bytes and write them ourselves (rather than save_file):
+        # the file then gets normal umask permissions, and we can fsync it.
+        blob = safetensors_save(arrays, metadata=header)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        del blob
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            pass
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns ``(tensors, metadata)``; the arrays are writable NumPy copies.
+
+    Raises:
+        CheckpointError: the file is missing, a directory, truncated/corrupt,
+            not safetensors, or a safetensors file not written by gpt.train.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Train a model first with `python -m gpt.train` "
+            f"(it writes the checkpoint), or pass --checkpoint PATH to an existing one."
+        )
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint path is a directory: {path}; pass the .safetensors file inside it "
+            f"with --checkpoint PATH."
+        )
+    try:
+        from safetensors import safe_open
+
+        tensors = {}
+        with safe_open(str(path), framework="np") as f:
+            header = f.metadata() or {}
+            for name in f.keys():
+                arr = f.get_tensor(name)
+                # Callers load these into parameters in place: give them owned, writable copies.
+                tensors[name] = arr if (arr.flags.writeable and arr.flags.owndata) else np.array(arr)
+    except Exception as e:  # SafetensorError, OSError, ...: never leak raw library errors
+        raise CheckpointError(
+            f"{path} is not a valid tinytensor checkpoint (truncated or not safetensors): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            f"{path} is a safetensors file but was not written by gpt.train "
+            f"(no {METADATA_KEY!r} metadata in its header)."
+        )
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {header.get('format')!r}; this version reads {FORMAT!r}."
+        )
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {e}") from e
+    return tensors, metadata

@@ -1,0 +1,440 @@
+"""Dataset preparation and batching for the GPT.
+
+A *prepared dataset* is a folder ``data/<name>/`` holding
+
+* ``train.bin`` / ``val.bin`` -- the token stream as raw ``np.uint16``
+  (first 90% of the tokens for training, last 10% for validation, as nanoGPT
+  splits it), read back with ``np.memmap`` so a large corpus never has to fit
+  in memory;
+* ``tokenizer.json`` -- the tokenizer that produced the tokens;
+* ``meta.json`` -- ``source_sha256``, ``tokenizer``, ``vocab_size``,
+  ``n_train``, ``n_val``, ``n_chars``. It is written LAST, so its presence
+  marks a complete preparation; a crash half-way leaves a folder without it
+  and the next run simply prepares again.
+
+Example::
+
+    from gpt.data import prepare, get_batch
+    ds = prepare("shakespeare_char")          # downloads Tiny Shakespeare once
+    rng = np.random.default_rng(0)
+    x, y = get_batch(ds.train, batch_size=32, block_size=128, rng=rng)
+    # x, y: int64 (32, 128); y[:, t] is the token that follows x[:, t]
+
+    ds = prepare(input_path="mytext.txt", tokenizer="bpe", vocab_size=1024)
+    # -> data/mytext_bpe1024/
+
+Names: Tiny Shakespeare (recognised by its sha256, wherever it comes from)
+is prepared as ``shakespeare_char`` or ``shakespeare_bpe<V>``; any other text
+as ``<file stem>_char`` or ``<file stem>_bpe<V>``. The cache is keyed on the
+sha256 of the source text, so a changed file is re-prepared, never mixed up
+with the old tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from gpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_json
+
+__all__ = [
+    "SHAKESPEARE_URL",
+    "SHAKESPEARE_SHA256",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_BPE_VOCAB_SIZE",
+    "MIN_VAL_TOKENS",
+    "TRAIN_FRACTION",
+    "DataError",
+    "Dataset",
+    "prepare",
+    "get_batch",
+    "print_to_stderr",
+]
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+#: The repository's ``data/`` folder; every function takes ``data_dir=None`` meaning this.
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+DEFAULT_BPE_VOCAB_SIZE = 512
+TRAIN_FRACTION = 0.9
+#: A validation split shorter than this cannot give a meaningful loss estimate.
+MIN_VAL_TOKENS = 100
+DOWNLOAD_TIMEOUT_S = 30.0
+# Tiny Shakespeare is ~1.1 MB; refuse to buffer anything absurdly larger.
+_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+# Datasets that can be prepared without --input (the text is downloaded).
+KNOWN_DATASETS = ("shakespeare_char",)
+_UINT16_LIMIT = int(np.iinfo(np.uint16).max) + 1
+
+
+class DataError(Exception):
+    """A dataset could not be prepared or used; the message says what to do."""
+
+
+def print_to_stderr(msg: str) -> None:
+    """Default logger: progress goes to stderr so stdout stays clean for results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset: token memmaps plus the tokenizer that made them."""
+
+    name: str
+    dir: Path
+    tokenizer: object
+    train: np.memmap
+    val: np.memmap
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS, so best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a prefix.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_text(path: Path, what: str = "input file") -> tuple[str, bytes]:
+    """Read a UTF-8 text file, turning every way it can be unusable into DataError."""
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}. Check the path passed to --input.")
+    if path.is_dir():
+        raise DataError(
+            f"{what} is a directory, not a text file: {path}. Pass the path of a .txt file to --input."
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from e
+    if not raw:
+        raise DataError(f"{what} is empty: {path}. Pass a file containing training text.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{what} is not valid UTF-8: {path}: byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start} (line {line}) ({e.reason}). Convert the file to UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`."
+        ) from e
+    return text, raw
+
+
+def _download(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """Fetch ``url``; any failure propagates (the caller turns it into DataError)."""
+    # urllib.request.urlopen is looked up at call time so tests can stub it.
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        data = resp.read(_MAX_DOWNLOAD_BYTES + 1)
+    if len(data) > _MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"response larger than {_MAX_DOWNLOAD_BYTES} bytes")
+    return data
+
+
+def _shakespeare_source(data_dir: Path, log: Callable[[str], None]) -> Path:
+    """Return the path of Tiny Shakespeare's input.txt, downloading it if needed."""
+    dest_dir = data_dir / "shakespeare_char"
+    dest = dest_dir / "input.txt"
+    if dest.is_file():
+        return dest
+    log(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} ...")
+    try:
+        data = _download(SHAKESPEARE_URL)
+    except Exception as e:  # URLError, HTTPError, timeouts, ... all mean "no file"
+        reason = getattr(e, "reason", None) or e
+        raise DataError(
+            f"could not get Tiny Shakespeare: the download from {SHAKESPEARE_URL} failed "
+            f"({type(e).__name__}: {reason}). Either pass --input PATH pointing at a local copy "
+            f"of Tiny Shakespeare (input.txt from karpathy/char-rnn), or put the file at {dest} "
+            f"and run again."
+        ) from e
+    # Check before the file lands at its final name, so a bad download never
+    # looks like a valid local copy on the next run.
+    got = _sha256(data)
+    if got != SHAKESPEARE_SHA256:
+        raise DataError(
+            f"the file downloaded from {SHAKESPEARE_URL} is not Tiny Shakespeare: sha256 {got}, "
+            f"expected {SHAKESPEARE_SHA256} ({len(data)} bytes). It was deleted. Try again, or pass "
+            f"--input PATH pointing at a local copy, or put the file at {dest}."
+        )
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(dest, data)
+    log(f"saved {len(data):,} bytes to {dest}")
+    return dest
+
+
+def _safe_stem(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")
+    return stem or "text"
+
+
+def _load_prepared(
+    ds_dir: Path,
+    name: str,
+    source_sha: str,
+    tokenizer: str,
+    vocab_size: Optional[int],
+) -> Optional[Dataset]:
+    """Return the cached dataset if it is complete and made from this source, else None."""
+    meta_path = ds_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("source_sha256") != source_sha or meta.get("tokenizer") != tokenizer:
+            return None
+        if tokenizer == "bpe" and meta.get("requested_vocab_size") != vocab_size:
+            return None
+        n_train, n_val = int(meta["n_train"]), int(meta["n_val"])
+        itemsize = np.dtype(np.uint16).itemsize
+        # A size mismatch means a bin was replaced or damaged after meta.json was written.
+        if (ds_dir / "train.bin").stat().st_size != n_train * itemsize:
+            return None
+        if (ds_dir / "val.bin").stat().st_size != n_val * itemsize:
+            return None
+        tok = tokenizer_from_json((ds_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        if tok.vocab_size != meta.get("vocab_size"):
+            return None
+        train = np.memmap(ds_dir / "train.bin", dtype=np.uint16, mode="r")
+        val = np.memmap(ds_dir / "val.bin", dtype=np.uint16, mode="r")
+    except (OSError, ValueError, KeyError, TypeError, TokenizerError):
+        # Anything unreadable is treated as "not prepared": we just prepare again.
+        return None
+    return Dataset(name=name, dir=ds_dir, tokenizer=tok, train=train, val=val, meta=meta)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def prepare(
+    dataset: str = "shakespeare_char",
+    input_path: Union[str, os.PathLike, None] = None,
+    tokenizer: str = "char",
+    vocab_size: Optional[int] = None,
+    data_dir: Union[str, os.PathLike, None] = None,
+    log: Optional[Callable[[str], None]] = print_to_stderr,
+    progress: bool = True,
+) -> Dataset:
+    """Prepare (or reuse) a tokenized dataset and return it as memmaps.
+
+    Args:
+        dataset: ``"shakespeare_char"`` (downloaded if needed). Ignored when
+            ``input_path`` is given: the name then comes from the text.
+        input_path: a UTF-8 text file to train on instead of downloading.
+        tokenizer: ``"char"`` or ``"bpe"``.
+        vocab_size: BPE vocabulary size (default 512); a char vocabulary is
+            whatever characters the text contains, so it is ignored for char.
+        data_dir: where prepared datasets live (default: the repo's ``data/``).
+        log: called with progress messages (default: print to stderr); None = silent.
+        progress: show a progress bar while training BPE.
+
+    Raises:
+        DataError: with what was wrong and what to do about it.
+    """
+    log = log or (lambda msg: None)
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+
+    if tokenizer not in ("char", "bpe"):
+        raise DataError(f"unknown tokenizer {tokenizer!r}: choose 'char' or 'bpe' (--tokenizer).")
+    if tokenizer == "bpe":
+        if vocab_size is None:
+            vocab_size = DEFAULT_BPE_VOCAB_SIZE
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+            raise DataError(f"vocab_size must be an integer, got {vocab_size!r} (--vocab-size).")
+        vocab_size = int(vocab_size)
+        if not 0 < vocab_size <= _UINT16_LIMIT:
+            raise DataError(
+                f"vocab_size {vocab_size} is out of range: tokens are stored as uint16, so it "
+                f"must be between 1 and {_UINT16_LIMIT} (--vocab-size)."
+            )
+    elif vocab_size is not None:
+        log(f"note: vocab_size={vocab_size} is ignored for the char tokenizer "
+            "(its vocabulary is the set of characters in the text)")
+        vocab_size = None
+
+    # 1. Find the source text.
+    if input_path is not None:
+        src = Path(input_path).expanduser()
+    elif dataset in KNOWN_DATASETS:
+        src = _shakespeare_source(data_dir, log)
+    else:
+        raise DataError(
+            f"unknown dataset {dataset!r}: the known datasets are {', '.join(KNOWN_DATASETS)}. "
+            f"To train on your own text pass --input PATH to a UTF-8 text file."
+        )
+    text, raw = _read_text(src)
+    source_sha = _sha256(raw)
+
+    # 2. Name the prepared dataset after what the text really is, so that the
+    #    name "shakespeare_char" always means Tiny Shakespeare.
+    if source_sha == SHAKESPEARE_SHA256:
+        base = "shakespeare"
+    else:
+        base = _safe_stem(src)
+        if base.lower() == "shakespeare":
+            # Keep "shakespeare_*" reserved for the real file (an edited copy named
+            # shakespeare.txt must not share its cache folder).
+            base = f"{base}-{source_sha[:8]}"
+        if input_path is None:
+            log(f"warning: {src} is not the Tiny Shakespeare file (sha256 {source_sha[:12]}...); "
+                f"preparing it as a custom text")
+    name = f"{base}_{tokenizer}" + (f"{vocab_size}" if tokenizer == "bpe" else "")
+    ds_dir = data_dir / name
+
+    # 3. Reuse a complete preparation of the same source.
+    cached = _load_prepared(ds_dir, name, source_sha, tokenizer, vocab_size)
+    if cached is not None:
+        log(f"using prepared dataset at {ds_dir} ({cached.meta['n_train']:,} train / "
+            f"{cached.meta['n_val']:,} val tokens, vocab {cached.vocab_size})")
+        return cached
+
+    # 4. Prepare from scratch.
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = ds_dir / "meta.json"
+    if meta_path.exists():
+        # Remove the old completion marker first: if we crash while overwriting
+        # the bins, the folder must not look like a valid (old) preparation.
+        log(f"re-preparing {ds_dir} (the source text or settings changed, or the old "
+            "preparation is damaged)")
+        meta_path.unlink()
+    log(f"preparing {name} from {src} ({len(text):,} characters)")
+
+    t0 = time.perf_counter()
+    try:
+        if tokenizer == "char":
+            tok = CharTokenizer.train(text)
+        else:
+            tok = BPETokenizer.train(text, vocab_size=vocab_size, progress=progress)
+    except TokenizerError as e:
+        raise DataError(f"cannot train a {tokenizer} tokenizer on {src}: {e}") from e
+    t1 = time.perf_counter()
+    if tokenizer == "bpe":
+        log(f"trained BPE tokenizer (vocab {tok.vocab_size}) in {t1 - t0:.1f} s")
+    if tok.vocab_size > _UINT16_LIMIT:
+        raise DataError(
+            f"{src} has {tok.vocab_size} distinct characters, more than the {_UINT16_LIMIT} a "
+            f"uint16 token can hold; use --tokenizer bpe."
+        )
+    try:
+        ids = np.asarray(tok.encode_array(text))
+    except TokenizerError as e:
+        raise DataError(f"cannot tokenize {src}: {e}") from e
+    ids = ids.astype(np.uint16, copy=False)
+    t2 = time.perf_counter()
+    log(f"tokenized {len(text):,} characters into {len(ids):,} tokens in {t2 - t1:.1f} s")
+
+    n = int(ids.size)
+    n_train = int(n * TRAIN_FRACTION)
+    n_val = n - n_train
+    if n_val < MIN_VAL_TOKENS:
+        need = int(np.ceil(MIN_VAL_TOKENS / (1 - TRAIN_FRACTION)))
+        raise DataError(
+            f"text too short: {src} gives {n} tokens, so only {n_val} validation tokens "
+            f"(need at least {MIN_VAL_TOKENS}, i.e. about {need} tokens in all). Use a longer text."
+        )
+
+    _atomic_write_bytes(ds_dir / "train.bin", ids[:n_train].tobytes())
+    _atomic_write_bytes(ds_dir / "val.bin", ids[n_train:].tobytes())
+    _atomic_write_bytes(ds_dir / "tokenizer.json", tok.to_json().encode("utf-8"))
+    meta = {
+        "source_sha256": source_sha,
+        "tokenizer": tokenizer,
+        "vocab_size": int(tok.vocab_size),
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_chars": len(text),
+        # what was asked for: a small text can give a BPE with fewer merges
+        "requested_vocab_size": vocab_size,
+        "source": str(src),
+    }
+    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    log(f"prepared {ds_dir}: {n_train:,} train / {n_val:,} val tokens, vocab {tok.vocab_size}")
+
+    train = np.memmap(ds_dir / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(ds_dir / "val.bin", dtype=np.uint16, mode="r")
+    return Dataset(name=name, dir=ds_dir, tokenizer=tok, train=train, val=val, meta=meta)
+
+
+def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator):
+    """Sample ``batch_size`` random contiguous blocks from a 1-D token array.
+
+    Returns ``(x, y)``, both ``np.int64`` of shape ``(batch_size, block_size)``,
+    with ``y[b, t] == data[start_b + t + 1]`` -- the next token after ``x[b, t]``.
+
+    Example::
+
+        rng = np.random.default_rng(0)
+        x, y = get_batch(ds.train, 8, 64, rng)
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a np.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    for arg, value in (("batch_size", batch_size), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"{arg} must be a positive integer, got {value!r}")
+    n = len(data)
+    if n <= block_size:
+        raise DataError(
+            f"split too short for block_size {block_size}: it has only {n} tokens (need more than "
+            f"{block_size}). Lower --block-size or use a longer text."
+        )
+    starts = rng.integers(0, n - block_size, size=batch_size)
+    # One gather of (batch, block+1) indices: x is the first block_size columns,
+    # y the same window shifted by one. Fancy indexing a memmap reads only those pages.
+    idx = starts[:, None] + np.arange(block_size + 1)
+    chunk = np.asarray(data)[idx].astype(np.int64)
+    x = np.ascontiguousarray(chunk[:, :-1])
+    y = np.ascontiguousarray(chunk[:, 1:])
+    return x, y

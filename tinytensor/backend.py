@@ -1,0 +1,123 @@
+"""The one place that picks the array library.
+
+Every op calls ``xp.*`` where ``xp`` is the array module of its inputs (NumPy or
+CuPy), obtained from here. Nothing else in the package imports CuPy.
+
+>>> from tinytensor import backend
+>>> xp = backend.get_xp("numpy")
+>>> backend.name_of(xp.zeros(3))
+'numpy'
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy")
+
+_cupy = None  # imported lazily: most users never touch a GPU
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot be used here, or two were mixed."""
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is not None:
+        return _cupy
+    try:
+        import cupy  # noqa: WPS433 (the only CuPy import in the package)
+    except Exception as exc:  # ImportError, or CUDA libraries missing
+        raise BackendError(
+            "backend 'cupy' needs CuPy and an NVIDIA GPU, but CuPy could not be imported "
+            f"({type(exc).__name__}: {exc}). Install it with `pip install -e \".[cuda]\"` "
+            "(or the cupy-cudaXXx wheel matching your CUDA), or use --backend numpy."
+        ) from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendError(
+            f"backend 'cupy': CuPy is installed but no usable GPU was found ({exc}). "
+            "Use --backend numpy."
+        ) from None
+    if n < 1:
+        raise BackendError("backend 'cupy': CuPy is installed but no GPU is visible. Use --backend numpy.")
+    _cupy = cupy
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU (used by tests to skip)."""
+    try:
+        _import_cupy()
+        return True
+    except BackendError:
+        return False
+
+
+def get_xp(name: str):
+    """The array module for a backend name: ``numpy`` or ``cupy``."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        return _import_cupy()
+    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def xp_of(array):
+    """The array module that owns ``array`` (NumPy for anything that is not a CuPy array)."""
+    if isinstance(array, np.ndarray) or _cupy is None:
+        return np
+    return _cupy if isinstance(array, _cupy.ndarray) else np
+
+
+def name_of(array) -> str:
+    return "numpy" if xp_of(array) is np else "cupy"
+
+
+def to_backend(array, name: str):
+    """Move an array to a backend (a copy only when it changes device)."""
+    xp = get_xp(name)
+    if xp is np:
+        return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
+    return xp.asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    return to_backend(array, "numpy")
+
+
+# -- random numbers ---------------------------------------------------------
+# One NumPy generator seeds everything, so a run is reproducible from one seed on
+# any backend. CuPy gets its own generator (seeded from ours) so dropout masks are
+# drawn on the GPU instead of being copied over every step.
+_rng = np.random.default_rng(0)
+_cupy_rng = None
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every random draw of tinytensor (initialisation, dropout, sampling)."""
+    global _rng, _cupy_rng
+    _rng = np.random.default_rng(seed)
+    _cupy_rng = None
+
+
+def rng(xp=np):
+    """The generator for a backend's array module."""
+    global _cupy_rng
+    if xp is np:
+        return _rng
+    if _cupy_rng is None:
+        _cupy_rng = xp.random.default_rng(int(_rng.integers(2**63)))
+    return _cupy_rng
+
+
+def get_rng_state() -> dict:
+    """The NumPy generator's state, JSON-serialisable (for exact resume)."""
+    return _rng.bit_generator.state
+
+
+def set_rng_state(state: dict) -> None:
+    global _cupy_rng
+    _rng.bit_generator.state = state
+    _cupy_rng = None

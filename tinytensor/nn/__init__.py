@@ -1,0 +1,7 @@
+"""Neural-network building blocks: Module, layers, and gradient utilities."""
+from . import utils
+from .layers import GELU, Dropout, Embedding, LayerNorm, Linear, ModuleList, ReLU, Sequential
+from .module import Module, Parameter
+
+__all__ = ["Module", "Parameter", "Linear", "Embedding", "LayerNorm", "Dropout", "ReLU", "GELU",
+           "ModuleList", "Sequential", "utils"]

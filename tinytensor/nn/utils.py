@@ -1,0 +1,24 @@
+"""Gradient utilities."""
+from __future__ import annotations
+
+import math
+
+from ..backend import xp_of
+
+
+def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping (as torch.nn.utils.clip_grad_norm_).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = xp_of(grads[0])
+    # one reduction per tensor, summed on the host: a float, not a float32 rounding of it
+    total = math.sqrt(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in grads))
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        for g in grads:
+            g *= g.dtype.type(coef)
+    return total

@@ -1,0 +1,309 @@
+"""Fused neural-network primitives.
+
+Each could be written from the basic primitives (and ``tests/test_fused.py``
+checks it against exactly that composition); fused, it is numerically stable,
+keeps fewer temporaries and is one Python call instead of ten.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from .backend import xp_of
+from .ops import unbroadcast
+from .tensor import Function, register
+
+
+@register
+class Softmax(Function):
+    def forward(self, a, axis=-1):
+        xp = xp_of(a)
+        e = xp.exp(a - a.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        self.out, self.axis = e, axis  # keep the output: the backward needs only it
+        return e
+
+    def backward(self, g):
+        p = self.out
+        return p * (g - (g * p).sum(axis=self.axis, keepdims=True))
+
+
+@register
+class LogSoftmax(Function):
+    def forward(self, a, axis=-1):
+        xp = xp_of(a)
+        shifted = a - a.max(axis=axis, keepdims=True)
+        shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.out, self.axis = shifted, axis
+        return shifted
+
+    def backward(self, g):
+        return g - xp_of(g).exp(self.out) * g.sum(axis=self.axis, keepdims=True)
+
+
+@register
+class LayerNorm(Function):
+    """Normalise over the last axis, then scale and shift: inputs (x[, weight][, bias])."""
+
+    def forward(self, x, *params, eps=1e-5, has_weight=True, has_bias=True):
+        xp = xp_of(x)
+        C = x.shape[-1]
+        for p in params:
+            if p.shape != (C,):
+                raise ValueError(f"weight/bias shape {tuple(p.shape)} does not match the last dim {C}")
+        mean = x.mean(axis=-1, keepdims=True)
+        xc = x - mean
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1.0 / xp.sqrt(var + eps)
+        self.xhat = xc * self.rstd
+        self.has_weight, self.has_bias = has_weight, has_bias
+        self.weight = params[0] if has_weight else None
+        y = self.xhat * self.weight if has_weight else self.xhat.copy()
+        if has_bias:
+            y += params[-1]
+        return y
+
+    def backward(self, g):
+        xhat, C = self.xhat, self.xhat.shape[-1]
+        lead = tuple(range(g.ndim - 1))
+        grads = []
+        gxhat = g * self.weight if self.has_weight else g
+        # d/dx of (x - mean) * rstd, written so it needs only xhat and rstd
+        gx = (gxhat - gxhat.mean(axis=-1, keepdims=True)
+              - xhat * (gxhat * xhat).sum(axis=-1, keepdims=True) / C) * self.rstd
+        grads.append(gx)
+        if self.has_weight:
+            grads.append((g * xhat).sum(axis=lead))
+        if self.has_bias:
+            grads.append(g.sum(axis=lead))
+        return tuple(grads)
+
+
+def check_targets(op, targets, n_classes, ignore_index=None):
+    """Class indices must be integers in [0, n_classes) (or ignore_index)."""
+    xp = xp_of(targets)
+    if not np.issubdtype(targets.dtype, np.integer):
+        has_nan = np.issubdtype(targets.dtype, np.floating) and bool(xp.isnan(targets).any())
+        raise TypeError(f"{op}: targets must be integer class indices, got dtype {targets.dtype}"
+                        + (" containing NaN" if has_nan else ""))
+    if targets.size == 0:
+        return
+    valid = targets if ignore_index is None else targets[targets != ignore_index]
+    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= n_classes):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise IndexError(f"{op}: index {bad} is out of range for {n_classes} classes "
+                         f"(valid: 0..{n_classes - 1}{'' if ignore_index is None else f', or {ignore_index} to ignore'})")
+
+
+@register
+class CrossEntropy(Function):
+    """Mean softmax cross-entropy of logits (N, C) against integer targets (N,)."""
+
+    differentiable = (0,)
+
+    def forward(self, logits, targets, ignore_index=-1):
+        xp = xp_of(logits)
+        if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(f"logits must be (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        N, C = logits.shape
+        check_targets("cross_entropy", targets, C, ignore_index)
+        valid = targets != ignore_index
+        safe_t = xp.where(valid, targets, 0)
+        e = logits - logits.max(axis=1, keepdims=True)
+        target_logit = xp.take_along_axis(e, safe_t[:, None], axis=1)[:, 0]
+        xp.exp(e, out=e)
+        s = e.sum(axis=1)
+        e /= s[:, None]  # e is now the softmax: the backward needs only it
+        self.probs, self.targets, self.valid = e, safe_t, valid
+        self.count = int(valid.sum())
+        nll = (xp.log(s) - target_logit) * valid
+        return (nll.sum() / self.count).astype(logits.dtype) if self.count else xp.asarray(np.nan, logits.dtype)
+
+    def backward(self, g):
+        xp = xp_of(g)
+        grad = self.probs  # reused in place: it is not needed again
+        rows = xp.arange(grad.shape[0])
+        grad[rows, self.targets] -= 1
+        grad *= (self.valid * (g / max(self.count, 1)))[:, None].astype(grad.dtype)
+        self.probs = None
+        return grad, None
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@register
+class Gelu(Function):
+    """GELU, tanh approximation (GPT-2; torch's approximate="tanh")."""
+
+    def forward(self, x):
+        xp = xp_of(x)
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): one exp instead of a slower tanh
+        u2 = x * x
+        u2 *= 0.044715
+        u2 += 1
+        u2 *= x
+        u2 *= -2 * _GELU_C
+        with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: sigmoid -> 0
+            xp.exp(u2, out=u2)
+        u2 += 1
+        s = xp.reciprocal(u2, out=u2)
+        self.x, self.s = x, s
+        return x * s
+
+    def backward(self, g):
+        x, s = self.x, self.s
+        # d/dx x*sigmoid(2u) = s + 2 x s (1 - s) u',  u' = c (1 + 3 * 0.044715 x^2)
+        du = x * x
+        du *= 3 * 0.044715 * _GELU_C
+        du += _GELU_C
+        du *= x
+        du *= 2
+        du *= s
+        du *= 1 - s
+        du += s
+        du *= g
+        return du
+
+
+def scatter_add_rows(idx, g, n_rows):
+    """out[n] = sum of the rows g[i] with idx[i] == n, without a per-row Python loop."""
+    xp = xp_of(g)
+    flat_idx = idx.reshape(-1)
+    flat_g = g.reshape(flat_idx.size, -1)
+    if xp is not np:
+        out = xp.zeros((n_rows, flat_g.shape[1]), g.dtype)
+        xp.add.at(out, flat_idx, flat_g)  # CuPy: a parallel atomic scatter-add, fast on a GPU
+        return out
+    if flat_idx.size * n_rows <= (1 << 24):
+        # small vocabularies: a one-hot matrix product is much faster than scatter-add
+        one_hot = xp.zeros((n_rows, flat_idx.size), g.dtype)
+        one_hot[flat_idx, xp.arange(flat_idx.size)] = 1
+        return one_hot @ flat_g
+    # large vocabularies: sort the rows and add each run of equal indices
+    order = xp.argsort(flat_idx, kind="stable")
+    sorted_idx = flat_idx[order]
+    starts = xp.concatenate([xp.zeros(1, bool), sorted_idx[1:] != sorted_idx[:-1]]).nonzero()[0]
+    starts = xp.concatenate([xp.zeros(1, starts.dtype), starts])
+    out = xp.zeros((n_rows, flat_g.shape[1]), g.dtype)
+    out[sorted_idx[starts]] = xp.add.reduceat(flat_g[order], starts, axis=0)
+    return out
+
+
+@register
+class Embedding(Function):
+    """weight[idx]: rows of a (V, C) table for integer indices of any shape."""
+
+    differentiable = (1,)
+
+    def forward(self, idx, weight):
+        check_targets("embedding", idx, weight.shape[0])
+        self.idx, self.n_rows = idx, weight.shape[0]
+        return weight[idx]
+
+    def backward(self, g):
+        return None, scatter_add_rows(self.idx, g, self.n_rows)
+
+
+@register
+class Dropout(Function):
+    """Zero each element with probability p and scale the rest by 1/(1-p)."""
+
+    def forward(self, x, p=0.5):
+        xp = xp_of(x)
+        keep = backend.rng(xp).random(x.shape, dtype=np.float32) >= p
+        self.mask = keep.astype(x.dtype)
+        self.mask *= 1.0 / (1.0 - p)
+        return x * self.mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+@register
+class Linear(Function):
+    """x @ weight.T + bias, weight (out, in) as in PyTorch; x (..., in)."""
+
+    def forward(self, x, weight, *bias):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"input features {x.shape[-1]} != weight in_features {weight.shape[1]} "
+                             f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+        self.x2 = x.reshape(-1, x.shape[-1])  # rows = tokens: the fast layout for BLAS
+        self.x_shape, self.weight, self.has_bias = x.shape, weight, bool(bias)
+        y = self.x2 @ weight.T
+        if bias:
+            y += bias[0]
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(self, g):
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ self.weight).reshape(self.x_shape) if self.needs_grad[0] else None
+        gw = g2.T @ self.x2 if self.needs_grad[1] else None
+        if self.has_bias:
+            return gx, gw, g2.sum(axis=0)
+        return gx, gw
+
+
+_mask_cache: dict = {}
+
+
+def causal_bias(xp, t_q, t_k, dtype):
+    """(t_q, t_k) additive mask: 0 where query i may see key j, -inf after it.
+
+    Queries are the last t_q positions of the t_k keys (as in KV-cache decoding).
+    Cached, since every layer and step asks for the same one.
+    """
+    key = (xp.__name__, t_q, t_k, np.dtype(dtype).str)
+    bias = _mask_cache.get(key)
+    if bias is None:
+        q_pos = xp.arange(t_k - t_q, t_k)[:, None]
+        bias = xp.where(xp.arange(t_k)[None, :] > q_pos, -np.inf, 0).astype(dtype)
+        _mask_cache[key] = bias
+    return bias
+
+
+@register
+class ScaledDotProductAttention(Function):
+    """softmax(q k^T * scale [+ causal mask]) v, with optional dropout on the weights.
+
+    q (..., Tq, hs), k (..., Tk, hs), v (..., Tk, hv). The attention matrix is the
+    one thing kept for backward, besides the inputs.
+    """
+
+    def forward(self, q, k, v, causal=True, scale=None, dropout_p=0.0):
+        xp = xp_of(q)
+        if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+        if causal and q.shape[-2] > k.shape[-2]:
+            raise ValueError(f"causal attention needs at most as many queries as keys, got {q.shape[-2]} > {k.shape[-2]}")
+        self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        self.q_shape = q.shape
+        qs = q * q.dtype.type(self.scale)  # scaling q is cheaper than scaling q k^T
+        att = qs @ k.swapaxes(-1, -2)
+        if causal:
+            att += causal_bias(xp, q.shape[-2], k.shape[-2], att.dtype)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        self.mask = None
+        if dropout_p > 0:
+            self.mask = (backend.rng(xp).random(att.shape, dtype=np.float32) >= dropout_p).astype(att.dtype)
+            self.mask *= 1.0 / (1.0 - dropout_p)
+        self.att, self.qs, self.k, self.v = att, qs, k, v
+        return (att if self.mask is None else att * self.mask) @ v
+
+    def backward(self, g):
+        att, mask = self.att, self.mask
+        att_d = att if mask is None else att * mask
+        gv = unbroadcast(att_d.swapaxes(-1, -2) @ g, self.v.shape)
+        ga = g @ self.v.swapaxes(-1, -2)
+        if mask is not None:
+            ga *= mask
+        # softmax backward, in place on ga
+        ga -= (ga * att).sum(axis=-1, keepdims=True)
+        ga *= att
+        gq = (ga @ self.k) * ga.dtype.type(self.scale)
+        gk = ga.swapaxes(-1, -2) @ self.qs
+        return unbroadcast(gq, self.q_shape), unbroadcast(gk, self.k.shape), gv
