@@ -131,7 +131,7 @@ def save_checkpoint(
         os.replace(tmp, path)
     except BaseException:
         try:
-            pass
+            tmp.unlink()
         except OSError:
             pass
         raise
@@ -189,3 +189,55 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray
     except ValueError as e:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {e}") from e
     return tensors, metadata
+
+
+# --------------------------------------------------------------------------- training state
+# A training checkpoint holds the model weights under their state-dict names,
+# the AdamW moments as "optimizer.<i>.exp_avg" / ".exp_avg_sq" (i = the
+# parameter's index in the optimizer), and everything else as JSON metadata.
+
+def pack_training_state(model, optimizer, metadata: dict) -> tuple[dict, dict]:
+    """(tensors, metadata) for ``save_checkpoint`` from a model and its optimizer."""
+    tensors = dict(model.state_dict())
+    opt_state = optimizer.state_dict()
+    steps = {}
+    for i, s in opt_state["state"].items():
+        steps[str(i)] = int(s["step"])
+        tensors[f"optimizer.{i}.exp_avg"] = s["exp_avg"]
+        tensors[f"optimizer.{i}.exp_avg_sq"] = s["exp_avg_sq"]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in opt_state["param_groups"]]
+    return tensors, {**metadata, "optimizer": {"param_groups": groups, "steps": steps}}
+
+
+def unpack_training_state(tensors: dict, metadata: dict):
+    """(model state dict, optimizer state dict or None) from a loaded checkpoint."""
+    model_state = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    opt_meta = metadata.get("optimizer")
+    if opt_meta is None:
+        return model_state, None
+    state = {int(i): {"step": step, "exp_avg": tensors[f"optimizer.{i}.exp_avg"],
+                      "exp_avg_sq": tensors[f"optimizer.{i}.exp_avg_sq"]}
+             for i, step in opt_meta["steps"].items()}
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in opt_meta["param_groups"]]
+    return model_state, {"state": state, "param_groups": groups}
+
+
+def load_model(path, backend: str = "numpy"):
+    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``."""
+    from .model import MODELS, GPTConfig
+    from .tokenizer import tokenizer_from_json
+
+    tensors, meta = load_checkpoint(path)
+    try:
+        config = GPTConfig(**meta["model_config"])
+        model = MODELS[meta["model_type"]](config)
+        tokenizer = tokenizer_from_json(meta["tokenizer"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata is incomplete or invalid ({exc})") from None
+    model_state, _ = unpack_training_state(tensors, meta)
+    try:
+        model.load_state_dict(model_state)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
+    return model.to(backend), tokenizer, meta

@@ -141,7 +141,7 @@ class Gelu(Function):
     def forward(self, x):
         xp = xp_of(x)
         # 0.5 * (1 + tanh(u)) == sigmoid(2u): one exp instead of a slower tanh
-        u2 = x * x
+        u2 = xp.asarray(x * x)  # asarray: for 0-d x, x * x is a NumPy scalar and out= below needs an array
         u2 *= 0.044715
         u2 += 1
         u2 *= x

@@ -290,10 +290,11 @@ class MatMul(Function):
         # treat 1-d operands as matrices, then drop the added dims again
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        if a.ndim == 1:
-            g = g[..., None, :]
+        # b's dim first: for 1-d @ 1-d, g is 0-d and g[..., None, :] would fail
         if b.ndim == 1:
             g = g[..., None]
+        if a.ndim == 1:
+            g = g[..., None, :]
         ga = gb = None
         if self.needs_grad[0]:
             ga = unbroadcast(g @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)

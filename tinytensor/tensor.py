@@ -102,6 +102,8 @@ class Function:
         except (ValueError, IndexError, TypeError) as exc:
             shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
             raise type(exc)(f"{cls.name}: {exc} (inputs: {shapes})") from None
+        # an integer/bool result (a cast to int) carries no gradient, as in PyTorch
+        record = record and _is_float(out.dtype)
         result = Tensor._wrap(out, requires_grad=record)
         if record:
             fn.parents = inputs

@@ -8,7 +8,20 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
-from .tensor import Tensor, no_grad
+from .tensor import Function, Tensor, no_grad
+
+
+class _WeightedSum(Function):
+    """sum_k <u_k, out_k>: lets several outputs share one backward (not a registered primitive)."""
+
+    name = "weighted_sum"
+
+    def forward(self, *arrays, weights):
+        self.weights = weights
+        return backend.xp_of(arrays[0]).asarray(sum((a * w).sum() for a, w in zip(arrays, weights)))
+
+    def backward(self, g):
+        return tuple((g * w).astype(w.dtype) for w in self.weights)
 
 
 def _as_list(out):
@@ -54,10 +67,12 @@ def check_grad(fn, *inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0, backend_name
     def weighted(outputs):  # sum_k <u_k, out_k> as a float, from arrays
         return float(sum(np.sum(backend.to_numpy(o.data) * u) for o, u in zip(_as_list(outputs), weights)))
 
-    if any(o.requires_grad for o in outs):
-        for o, u in zip(outs, weights):
-            if o.requires_grad:
-                o.backward(xp.asarray(u, dtype=o.dtype))
+    live = [(o, u) for o, u in zip(outs, weights) if o.requires_grad]
+    if live:
+        # one backward from all outputs together: outputs may share a graph, and a
+        # second backward through it would raise (the first one frees it)
+        _WeightedSum.apply(*[o for o, _ in live],
+                           weights=[xp.asarray(u, dtype=o.dtype) for o, u in live]).backward()
     for i in float_idx:
         t = tensors[i]
         grad = np.zeros_like(arrays[i]) if t.grad is None else backend.to_numpy(t.grad)
@@ -68,8 +83,9 @@ def check_grad(fn, *inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0, backend_name
         analytic = float(np.sum(grad * d))
         with no_grad():
             plus, minus = list(arrays), list(arrays)
-            plus[i] = arrays[i] + eps * d
-            minus[i] = arrays[i] - eps * d
+            # np.asarray: for a 0-d input, array + float is a NumPy scalar, not an array
+            plus[i] = np.asarray(arrays[i] + eps * d)
+            minus[i] = np.asarray(arrays[i] - eps * d)
             numeric = (weighted(fn(*to_tensors(plus, False))) - weighted(fn(*to_tensors(minus, False)))) / (2 * eps)
         if not abs(analytic - numeric) <= atol + rtol * abs(numeric):
             raise AssertionError(

@@ -1,0 +1,237 @@
+"""The GPT language model (GPT-2 architecture, nanoGPT's names), on tinytensor.
+
+Reads top-down: config, attention, MLP, block, the model, then a bigram baseline.
+
+>>> import numpy as np
+>>> from gpt.model import GPT, GPTConfig
+>>> model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
+>>> idx = np.zeros((1, 8), dtype=np.int64)
+>>> logits, loss = model(idx)
+>>> logits.shape
+(1, 8, 65)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+import tinytensor as tt
+import tinytensor.functional as F
+from tinytensor import nn
+
+from .sampling import generate_tokens
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
+
+    Only for inference (under ``tt.no_grad()``). With learned absolute positions
+    the cache is valid only while the whole context fits in ``block_size``: once
+    it would overflow, the caller crops the context and rebuilds the cache.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, xp, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch, config.n_head, config.block_size, hs)
+        self.keys = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
+        self.values = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
+        self.length = 0  # tokens stored (the same in every layer)
+        self.capacity = config.block_size
+
+    def append(self, layer: int, k, v):
+        """Store (B, H, T, hs) keys/values after the cached ones; return all of them."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k.data
+        self.values[layer][:, :, start:end] = v.data
+        return tt.Tensor(self.keys[layer][:, :, :end]), tt.Tensor(self.values[layer][:, :, :end])
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        hs = C // self.n_head
+        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, H, T_cached + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """The container nanoGPT calls ``transformer``, so parameter names match GPT-2's."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self._init_weights()
+
+    def _init_weights(self):
+        """GPT-2 initialisation: N(0, 0.02), zero biases, and the projections that
+        write into the residual stream scaled by 1/sqrt(2 n_layer) so its variance
+        does not grow with depth."""
+        rng = tt.backend.rng()
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.data[...] = rng.normal(0.0, resid_std, p.shape)
+            elif p.ndim == 2:  # Linear weights and embeddings
+                p.data[...] = rng.normal(0.0, 0.02, p.shape)
+            elif name.endswith("bias"):
+                p.data[...] = 0.0
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        ``cache`` continues from the cached positions (inference); ``last_only``
+        computes the logits of the last position only (generation).
+        """
+        idx = idx.data if isinstance(idx, tt.Tensor) else idx
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        tr = self.transformer
+        xp = tr.wte.weight.xp
+        idx = xp.asarray(idx)
+        pos = xp.arange(start, start + T)
+        x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(tr.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        x = tr.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = F.linear(x, tr.wte.weight)  # LM head tied to the token embedding, (B, T, vocab)
+        loss = None if targets is None else F.cross_entropy(logits, targets)
+        return logits, loss
+
+    def new_cache(self, batch: int) -> KVCache:
+        w = self.transformer.wte.weight
+        return KVCache(self.config, batch, w.xp, w.dtype)
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps=1e-8):
+        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on
+        biases and LayerNorm gains, as nanoGPT."""
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return tt.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
+
+    def generate(self, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
+                 kv_cache: bool = True, seed=None):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + new) int64.
+
+        temperature 0 is greedy. See ``gpt.sampling`` for top_k / top_p.
+        """
+        idx = np.asarray(idx.numpy() if isinstance(idx, tt.Tensor) else tt.backend.to_numpy(idx), dtype=np.int64)
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, seed))
+        return np.concatenate([idx] + [t[:, None] for t in new], axis=1) if new else idx
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        kv_cache=True, seed=None):
+        """Yield the next token ids (B,) one step at a time."""
+        return generate_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, seed)
+
+
+class BigramLM(nn.Module):
+    """Baseline: the next token depends on the current one only (a V x V table)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.vocab_size)
+        self.token_embedding.weight.data *= 0.02
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        idx = idx.data if isinstance(idx, tt.Tensor) else idx
+        w = self.token_embedding.weight
+        idx = w.xp.asarray(idx)
+        if last_only:
+            idx = idx[:, -1:]
+        logits = self.token_embedding(idx)  # (B, T, vocab)
+        loss = None if targets is None else F.cross_entropy(logits, targets)
+        return logits, loss
+
+    def new_cache(self, batch):
+        return None  # nothing to cache: only the last token matters
+
+    configure_optimizers = GPT.configure_optimizers
+    generate = GPT.generate
+    generate_stream = GPT.generate_stream
+
+
+MODELS = {"gpt": GPT, "bigram": BigramLM}

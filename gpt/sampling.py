@@ -1,0 +1,88 @@
+"""Choosing the next token: temperature, top-k, top-p, and the decoding loop.
+
+Sampling happens on the host in NumPy with its own seeded generator, so the
+same seed gives the same text on either backend.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import tinytensor as tt
+
+
+def check_sampling_args(temperature, top_k, top_p, max_new_tokens=0):
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def sample_next(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
+    """Next token ids (B,) from last-position logits (B, V).
+
+    >>> sample_next(np.array([[0.0, 5.0, 1.0]]), temperature=0)
+    array([1])
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        # nucleus: the smallest set of most likely tokens whose mass reaches top_p
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
+        drop = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(drop, order, mass_before >= top_p, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    rng = rng if rng is not None else np.random.default_rng()
+    u = rng.random((probs.shape[0], 1))
+    choice = (np.cumsum(probs, axis=-1) < u * probs.sum(axis=-1, keepdims=True)).sum(axis=-1)
+    return np.minimum(choice, V - 1)
+
+
+def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    kv_cache=True, seed=None):
+    """Yield (B,) next-token arrays. Works for any model with ``forward(idx, cache=,
+    last_only=)``, ``new_cache(batch)`` and ``config.block_size``.
+
+    With the KV cache each new token costs one position's forward. The context is
+    cropped to the last ``block_size`` tokens exactly as without the cache; once it
+    would overflow, positions shift (they are learned and absolute), so the cache is
+    rebuilt from the cropped context.
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (batch, T>=1) token ids, got shape {idx.shape}")
+    block = model.config.block_size
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    cache, context = None, idx[:, -block:]
+    try:
+        with tt.no_grad():
+            for _ in range(max_new_tokens):
+                if not kv_cache:
+                    logits, _ = model(context, last_only=True)
+                elif cache is None or cache.length >= cache.capacity:
+                    cache = model.new_cache(context.shape[0])  # (re)build from the cropped context
+                    logits, _ = model(context, cache=cache, last_only=True)
+                else:
+                    logits, _ = model(context[:, -1:], cache=cache, last_only=True)
+                nxt = sample_next(tt.backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, top_p, rng)
+                context = np.concatenate([context, nxt[:, None]], axis=1)[:, -block:]
+                yield nxt
+    finally:
+        model.train(was_training)
