@@ -27,6 +27,7 @@ def sample_next(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng
     >>> sample_next(np.array([[0.0, 5.0, 1.0]]), temperature=0)
     array([1])
     """
+    check_sampling_args(temperature, top_k, top_p)  # else e.g. temperature -1 silently picks the least likely
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)

@@ -45,6 +45,7 @@ class Trainer:
         self._stop = False
 
         checkpoint = self._load_resume_checkpoint() if cfg.resume else None
+        cfg = self.cfg  # on --resume: the checkpoint's settings plus the command line's overrides
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         tt.manual_seed(cfg.seed)
         self.data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, log=self._log_err)
@@ -71,9 +72,11 @@ class Trainer:
                 raise TrainingError(f"--{name.replace('_', '-')} {getattr(self.cfg, name)} differs from the "
                                     f"checkpoint's {saved.get(name)}; a resumed run keeps its model and data")
         explicit = {n: getattr(self.cfg, n) for n in getattr(self.cfg, "overrides", [])}
+        explicit["out_dir"] = self.cfg.out_dir  # where the checkpoint was found (the run may have moved)
         known = {f.name for f in dataclasses.fields(C.TrainConfig)}
-        self.cfg = dataclasses.replace(C.TrainConfig(), **{k: v for k, v in saved.items() if k in known},
-                                       **explicit).validate()
+        merged = {k: v for k, v in saved.items() if k in known}
+        merged.update(explicit)  # the command line wins (a key in both must not be passed twice)
+        self.cfg = dataclasses.replace(C.TrainConfig(), **merged).validate()
         self.out_dir = Path(self.cfg.out_dir)
         return tensors, meta
 

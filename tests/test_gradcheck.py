@@ -4,6 +4,7 @@
 primitive to ``tt.PRIMITIVES`` without adding a case here fails
 ``test_every_primitive_has_a_gradcheck_case``.
 """
+import os
 import re
 
 import numpy as np
@@ -17,7 +18,8 @@ from tinytensor.ops import Cast
 from tinytensor.tensor import Function
 from tinytensor.testing import check_grad
 
-SETTINGS = settings(max_examples=20, deadline=None,
+# TT_GRADCHECK_EXAMPLES=500 for a long soak; the default keeps the file well under a minute
+SETTINGS = settings(max_examples=int(os.environ.get("TT_GRADCHECK_EXAMPLES", 20)), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SEEDS = st.integers(0, 2**32 - 1)
 BS = hnp.BroadcastableShapes
@@ -209,21 +211,23 @@ def test_permute(backend_name, shape, seed, data):
 
 @st.composite
 def basic_index(draw, shape):
+    """Ints (negative too), slices (negative steps too), None and Ellipsis, for a prefix or suffix of the dims."""
+    m = draw(st.integers(0, len(shape)))
+    suffix = draw(st.booleans())
+    dims = shape[len(shape) - m:] if suffix else shape[:m]
     items = []
-    for n in shape:
-        kinds = ["slice", "none"] + (["int"] if n > 0 else [])
-        kind = draw(st.sampled_from(kinds))
+    for n in dims:
+        kind = draw(st.sampled_from(["slice", "none"] + (["int"] if n > 0 else [])))
         if kind == "int":
             items.append(draw(st.integers(-n, n - 1)))
         elif kind == "slice":
             items.append(draw(st.slices(n)))
         else:
-            items.append(None)
-            items.append(draw(st.slices(n)))
-        if len(items) >= len(shape) and draw(st.booleans()):
-            break
-    if items and draw(st.booleans()):
-        items.insert(draw(st.integers(0, len(items))), Ellipsis)
+            items += [None, draw(st.slices(n))]
+    if suffix and m < len(shape):
+        items.insert(0, Ellipsis)  # the indexed dims are the last m
+    elif draw(st.booleans()):
+        items.append(Ellipsis)
     return tuple(items) if len(items) != 1 or draw(st.booleans()) else items[0]
 
 

@@ -172,7 +172,7 @@ def scatter_add_rows(idx, g, n_rows):
     """out[n] = sum of the rows g[i] with idx[i] == n, without a per-row Python loop."""
     xp = xp_of(g)
     flat_idx = idx.reshape(-1)
-    flat_g = g.reshape(flat_idx.size, -1)
+    flat_g = g.reshape(flat_idx.size, g.shape[-1])  # not -1: that fails when idx is empty
     if xp is not np:
         out = xp.zeros((n_rows, flat_g.shape[1]), g.dtype)
         xp.add.at(out, flat_idx, flat_g)  # CuPy: a parallel atomic scatter-add, fast on a GPU

@@ -1,0 +1,79 @@
+"""Greedy decoding speed: KV cache vs full-context recompute vs PyTorch.
+
+    python -m bench.sample                 # shakespeare_char shape, 255 tokens after a 1-token prompt
+    python -m bench.sample --quick         # CI: tiny model, a few tokens
+
+Within the 256-token window. PyTorch runs nanoGPT's `generate` (the whole
+cropped context per token), eager, greedy. Both models get the same weights, so
+their greedy outputs should match too (up to float32 ties).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+import tinytensor as tt
+from bench.train_step import model_config
+from gpt.model import GPT
+
+
+def tokens_per_s(fn, n_tokens):
+    t = time.perf_counter()
+    out = fn()
+    return n_tokens / (time.perf_counter() - t), out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.sample", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="shakespeare_char")
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument("--new-tokens", type=int, default=255)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 20 tokens: for CI")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.preset, args.new_tokens = "tiny", 20
+    cfg, _ = model_config(args.preset)
+    if args.new_tokens + 1 > cfg.block_size:
+        ap.error(f"--new-tokens {args.new_tokens} does not fit in the {cfg.block_size}-token window")
+    tt.manual_seed(0)
+    model = GPT(cfg).to(args.backend)
+    prompt = np.zeros((1, 1), dtype=np.int64)
+    n = args.new_tokens
+    result = {"preset": args.preset, "backend": args.backend, "new_tokens": n}
+    cached_tps, cached = tokens_per_s(lambda: model.generate(prompt, n, temperature=0, kv_cache=True), n)
+    full_tps, full = tokens_per_s(lambda: model.generate(prompt, n, temperature=0, kv_cache=False), n)
+    result.update(kv_cache_tok_s=round(cached_tps, 1), recompute_tok_s=round(full_tps, 1),
+                  identical=bool((cached == full).all()), speedup=round(cached_tps / full_tps, 2))
+    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}), greedy, {n} tokens after a 1-token prompt")
+    print(f"  tinytensor KV cache : {cached_tps:9.1f} tokens/s")
+    print(f"  tinytensor recompute: {full_tps:9.1f} tokens/s   (cache speed-up {cached_tps / full_tps:.1f}x, "
+          f"identical output: {result['identical']})")
+    if not args.no_torch:
+        try:
+            import torch
+
+            from bench.torch_gpt import TorchGPT, load_from_tinytensor
+        except ImportError:
+            print("torch is not installed: skipping the PyTorch side", file=sys.stderr)
+        else:
+            tm = TorchGPT(cfg).eval()
+            load_from_tinytensor(tm, {k: tt.backend.to_numpy(v) for k, v in model.state_dict().items()})
+            torch_tps, tout = tokens_per_s(lambda: tm.generate(torch.from_numpy(prompt), n).numpy(), n)
+            result.update(torch_tok_s=round(torch_tps, 1), vs_torch=round(cached_tps / torch_tps, 2),
+                          same_as_torch=bool((tout == cached).all()))
+            print(f"  pytorch recompute   : {torch_tps:9.1f} tokens/s   (KV cache vs pytorch "
+                  f"{cached_tps / torch_tps:.1f}x, same tokens: {result['same_as_torch']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

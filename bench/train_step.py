@@ -1,0 +1,196 @@
+"""Time one training step (forward, backward, clip, AdamW) of the GPT, against PyTorch.
+
+    python -m bench.train_step --backend numpy --preset shakespeare_char_cpu
+    python -m bench.train_step --preset shakespeare_char --steps 5      # full size
+    python -m bench.train_step --quick                                 # CI: proves it runs
+
+The step is written with the public API only, as a user would. With torch
+installed, a PyTorch eager model of the same shape (bench/torch_gpt.py) is
+timed in the same process, alternating step by step, with the same threads and
+batches; the ratio of medians is what to quote (this machine is shared and
+noisy, absolute numbers drift). Peak memory of each side is measured in a
+fresh subprocess (the growth of peak RSS over the steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import tinytensor as tt
+from gpt.config import PRESETS, TrainConfig
+from gpt.model import GPT, GPTConfig
+
+VOCAB = 65  # Tiny Shakespeare's characters
+
+
+def model_config(preset):
+    p = {**TrainConfig().__dict__, **PRESETS[preset]}
+    return GPTConfig(vocab_size=VOCAB, block_size=p["block_size"], n_layer=p["n_layer"], n_head=p["n_head"],
+                     n_embd=p["n_embd"], dropout=p["dropout"], bias=True), p["batch_size"]
+
+
+def matmul_gflops(xp=np, n=1024, reps=10):
+    """The machine's float32 matrix-product rate, measured here (the MFU denominator)."""
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    a @ a
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        c = a @ a
+        if hasattr(c, "get"):
+            c.sum().get()  # wait for the GPU
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(cfg: GPTConfig, batch: int) -> float:
+    """Training FLOPs per step: 6 per parameter per token, plus attention (PaLM's estimate)."""
+    n_params = (cfg.vocab_size * cfg.n_embd  # tied embedding / head
+                + cfg.n_layer * (12 * cfg.n_embd ** 2 + 13 * cfg.n_embd))
+    tokens = batch * cfg.block_size
+    return 6 * n_params * tokens + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size * tokens
+
+
+class Ours:
+    name = "tinytensor"
+
+    def __init__(self, cfg, batch, backend, seed=0):
+        tt.manual_seed(seed)
+        self.model = GPT(cfg).to(backend)
+        self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+        self.xp = tt.backend.get_xp(backend)
+
+    def step(self, x, y):
+        _, loss = self.model(self.xp.asarray(x), self.xp.asarray(y))
+        self.opt.zero_grad()
+        loss.backward()
+        tt.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()
+
+
+class Torch:
+    name = "pytorch"
+
+    def __init__(self, cfg, batch, backend, seed=0):
+        import torch
+
+        from bench.torch_gpt import TorchGPT
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.device = "cuda" if backend == "cupy" else "cpu"
+        self.model = TorchGPT(cfg).to(self.device)
+        self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+
+    def step(self, x, y):
+        torch = self.torch
+        x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        _, loss = self.model(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()  # .item() synchronises, as ours does
+
+
+def batches(cfg, batch, n, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        idx = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size + 1))
+        yield idx[:, :-1], idx[:, 1:]
+
+
+def time_steps(sides, cfg, batch, steps, warmup):
+    """Alternate the sides step by step on the same batches; per-side lists of seconds."""
+    times = {s.name: [] for s in sides}
+    for i, (x, y) in enumerate(batches(cfg, batch, warmup + steps)):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for side in order:
+            t = time.perf_counter()
+            side.step(x, y)
+            if i >= warmup:
+                times[side.name].append(time.perf_counter() - t)
+    return times
+
+
+def peak_memory_mb(side, preset, backend, steps):
+    """Peak RSS of `steps` training steps above the RSS just before them (model,
+    data and imports already in memory), measured in a fresh process, in MB."""
+    code = (f"import resource, bench.train_step as b; cfg, batch = b.model_config({preset!r}); "
+            f"s = b.{side}(cfg, batch, {backend!r}); bs = list(b.batches(cfg, batch, {steps})); "
+            f"before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024; "
+            f"[s.step(x, y) for x, y in bs]; "
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument("--preset", default="shakespeare_char_cpu", choices=sorted(PRESETS))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true", help="time tinytensor only")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--quick", action="store_true", help="2 steps, tiny preset: for CI")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.preset, args.steps, args.warmup = "tiny", 2, 1
+    cfg, batch = model_config(args.preset)
+    xp = tt.backend.get_xp(args.backend)
+    sides = [Ours(cfg, batch, args.backend)]
+    if not args.no_torch:
+        try:
+            sides.append(Torch(cfg, batch, args.backend))
+        except ImportError:
+            print("torch is not installed: timing tinytensor only", file=sys.stderr)
+    rate = matmul_gflops(xp)
+    times = time_steps(sides, cfg, batch, args.steps, args.warmup)
+    flops = step_flops(cfg, batch)
+    tokens = batch * cfg.block_size
+    result = {"preset": args.preset, "backend": args.backend, "steps": args.steps,
+              "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+              "matmul_gflops": round(rate, 1), "step_gflop": round(flops / 1e9, 3)}
+    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, block {cfg.block_size}, batch {batch}), "
+          f"backend {args.backend}, {args.steps} steps after {args.warmup} warm-up; "
+          f"float32 matmul here: {rate:.0f} GFLOP/s")
+    for side in sides:
+        ms = statistics.median(times[side.name]) * 1000
+        mfu = flops / (ms / 1000) / (rate * 1e9)
+        result[side.name] = {"median_ms": round(ms, 2), "tok_per_s": round(tokens / ms * 1000),
+                             "mfu": round(mfu, 3)}
+        print(f"  {side.name:10s} median {ms:8.2f} ms/step  {tokens / ms * 1000:9,.0f} tok/s  MFU {mfu:5.1%}")
+    if len(sides) == 2:
+        ratio = result["tinytensor"]["median_ms"] / result["pytorch"]["median_ms"]
+        result["ratio"] = round(ratio, 3)
+        print(f"  ratio tinytensor / pytorch: {ratio:.3f}x (below 1 = faster than PyTorch)")
+    if not args.no_memory:
+        steps = 2 if args.quick else 5
+        for side in sides:
+            cls = "Ours" if side.name == "tinytensor" else "Torch"
+            mb = peak_memory_mb(cls, args.preset, args.backend, steps)
+            result[side.name]["peak_mb"] = round(mb, 1)
+            print(f"  {side.name:10s} peak memory growth over {steps} steps: {mb:8.1f} MB")
+        if len(sides) == 2 and result["pytorch"]["peak_mb"] > 0:
+            result["memory_ratio"] = round(result["tinytensor"]["peak_mb"] / result["pytorch"]["peak_mb"], 3)
+            print(f"  memory ratio tinytensor / pytorch: {result['memory_ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
