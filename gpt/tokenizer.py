@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 __all__ = ["TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
            "tokenizer_from_json", "SPLIT_PATTERN"]
@@ -233,7 +234,6 @@ class BPETokenizer(_Base):
         heap = [(-c, p) for p, c in counts.items()]
         heapq.heapify(heap)
 
-        from tqdm import tqdm
         merges: list[tuple[int, int]] = []
         n_merges = vocab_size - 256
         with tqdm(total=n_merges, desc="bpe merges", disable=not progress, leave=False) as bar:

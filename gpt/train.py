@@ -269,6 +269,9 @@ def main(argv=None) -> int:
     except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, --out-dir not writable, ...: save_checkpoint keeps the old file
+        print(f"error: {exc}; the last checkpoint written (if any) is intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written (if any) is intact; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -21,6 +21,27 @@ def xp(backend_name):
     return tt.backend.get_xp(backend_name)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny arrays: on a 2-core machine shared with other work, two BLAS
+    (and torch) threads make them many times slower, and the results do not change."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    try:
+        import torch
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+    if torch is not None:
+        torch.set_num_threads(torch_threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     tt.manual_seed(0)

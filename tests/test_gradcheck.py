@@ -147,6 +147,9 @@ def test_cast_grad_dtype_is_the_input_dtype(backend_name):
     x = tt.tensor(np.ones((2, 3)), requires_grad=True, backend=backend_name)
     y = x.astype(np.float32)
     assert y.dtype == np.float32
+    # the Function's own backward must hand back the input's dtype (the leaf would hide a float32 gradient)
+    raw = y._ctx.backward(y.xp.ones(y.shape, np.float32))
+    assert raw.dtype == np.float64
     (y * y).sum().backward()
     assert x.grad.dtype == np.float64
     np.testing.assert_allclose(tt.backend.to_numpy(x.grad), 2.0)
