@@ -182,6 +182,14 @@ def test_int_stays_int(backend_name):
         assert np.issubdtype(y.dtype, np.integer), y.dtype
 
 
+def test_cast_to_int_carries_no_gradient(backend_name):
+    x = leaf(backend_name, 3)
+    i = x.astype(np.int64)
+    assert i.dtype == np.int64 and not i.requires_grad and i._ctx is None
+    f = x.astype(np.float32)
+    assert f.dtype == np.float32 and f.requires_grad
+
+
 def test_grad_dtype_and_shape_equal_data(backend_name):
     for dtype in (np.float32, np.float64):
         x = leaf(backend_name, 2, 3, dtype=dtype)
