@@ -120,14 +120,38 @@ def time_steps(sides, cfg, batch, steps, warmup):
     return times
 
 
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_step_memory(side, preset, backend, steps):
+    """Peak RSS during `steps` steps above the RSS before them, in MB (run in a fresh process).
+
+    One warm-up step first (optimizer state, library buffers), then freed memory is
+    returned to the OS (malloc_trim) and the kernel's peak counter is reset, so the
+    figure is what a step needs on top of the model, gradients and optimizer state.
+    """
+    import ctypes
+    cfg, batch = model_config(preset)
+    s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
+    data = list(batches(cfg, batch, steps + 1))
+    s.step(*data[0])
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set size
+    before = _status_kb("VmRSS")
+    for x, y in data[1:]:
+        s.step(x, y)
+    return (_status_kb("VmHWM") - before) / 1024
+
+
 def peak_memory_mb(side, preset, backend, steps):
-    """Peak RSS of `steps` training steps above the RSS just before them (model,
-    data and imports already in memory), measured in a fresh process, in MB."""
-    code = (f"import resource, bench.train_step as b; cfg, batch = b.model_config({preset!r}); "
-            f"s = b.{side}(cfg, batch, {backend!r}); bs = list(b.batches(cfg, batch, {steps})); "
-            f"before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() // 1024; "
-            f"[s.step(x, y) for x, y in bs]; "
-            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    code = (f"import bench.train_step as b; "
+            f"print(b.measure_step_memory({side!r}, {preset!r}, {backend!r}, {steps}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if out.returncode:
@@ -182,7 +206,7 @@ def main(argv=None):
             cls = "Ours" if side.name == "tinytensor" else "Torch"
             mb = peak_memory_mb(cls, args.preset, args.backend, steps)
             result[side.name]["peak_mb"] = round(mb, 1)
-            print(f"  {side.name:10s} peak memory growth over {steps} steps: {mb:8.1f} MB")
+            print(f"  {side.name:10s} peak memory of a step (above weights, grads, optimizer): {mb:8.1f} MB")
         if len(sides) == 2 and result["pytorch"]["peak_mb"] > 0:
             result["memory_ratio"] = round(result["tinytensor"]["peak_mb"] / result["pytorch"]["peak_mb"], 3)
             print(f"  memory ratio tinytensor / pytorch: {result['memory_ratio']:.2f}x")

@@ -20,6 +20,7 @@ import numpy as np
 import tinytensor as tt
 import tinytensor.functional as F
 from tinytensor import nn
+from tinytensor.nn_ops import attention_weights
 
 from .sampling import generate_tokens
 
@@ -63,12 +64,23 @@ class KVCache:
         self.length = 0  # tokens stored (the same in every layer)
         self.capacity = config.block_size
 
-    def append(self, layer: int, k, v):
-        """Store (B, H, T, hs) keys/values after the cached ones; return all of them."""
-        start, end = self.length, self.length + k.shape[2]
-        self.keys[layer][:, :, start:end] = k.data
-        self.values[layer][:, :, start:end] = v.data
-        return tt.Tensor(self.keys[layer][:, :, :end]), tt.Tensor(self.values[layer][:, :, :end])
+    def attend(self, layer: int, qkv, n_head: int):
+        """Causal attention of new tokens' packed q, k, v (B, T, 3C) over every cached
+        token and themselves; stores their keys and values. Returns (B, T, C).
+
+        Arrays, not autograd ops: inference records no graph, and one token's step
+        is dominated by per-op overhead, so the fewer ops the better.
+        """
+        qkv = qkv.data
+        B, T, C3 = qkv.shape
+        hs = C3 // 3 // n_head
+        q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
+        end = self.length + T
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        att = attention_weights(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
+        y = att @ self.values[layer][:, :, :end]  # (B, H, T, hs)
+        return tt.Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3))
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,15 +92,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # (B, H, T_cached + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
+        qkv = self.c_attn(x)  # (B, T, 3C): every head's queries, keys and values
+        if cache is None:
+            # fused: split heads, causal softmax(q k^T / sqrt(hs)) v, merge heads -> (B, T, C)
+            y = F.multi_head_attention(qkv, self.n_head, causal=True,
+                                       dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = cache.attend(layer, qkv, self.n_head)  # inference: also attends to the cached tokens
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -199,6 +199,21 @@ def test_attention_matches_composition(backend_name, sq, sk, sv, causal, scale, 
     compare(fused, composed, [rnd(12, *sq), rnd(13, *sk), rnd(14, *sv)], backend_name)
 
 
+@pytest.mark.parametrize("B,T,n_head,hs", [(2, 5, 2, 3), (1, 1, 1, 4), (3, 4, 3, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_multi_head_attention_matches_composition(backend_name, B, T, n_head, hs, causal, dropout_p):
+    def fused(qkv):
+        tt.manual_seed(42)
+        return F.multi_head_attention(qkv, n_head, causal=causal, dropout_p=dropout_p)
+
+    def composed(qkv):
+        heads = qkv.reshape(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+        y = attention_composed(heads[0], heads[1], heads[2], causal=causal, dropout_p=dropout_p, seed=42)
+        return y.permute(0, 2, 1, 3).reshape(B, T, n_head * hs)
+    compare(fused, composed, [rnd(18, B, T, 3 * n_head * hs)], backend_name)
+
+
 def test_causal_attention_ignores_future_keys(backend_name):
     q, k, v = (tt.tensor(rnd(s, 1, 4, 3), backend=backend_name) for s in (15, 16, 17))
     out = F.scaled_dot_product_attention(q, k, v, causal=True)
@@ -295,6 +310,8 @@ def _fused_float32_cases(backend_name):
         "linear_no_bias": (F.linear, [_f32(backend_name, 3, 4), _f32(backend_name, 5, 4)]),
         "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.2),
                       [_f32(backend_name, 2, 3, 4), _f32(backend_name, 2, 5, 4), _f32(backend_name, 2, 5, 2)]),
+        "multi_head_attention": (lambda x: F.multi_head_attention(x, 2, dropout_p=0.2),
+                                 [_f32(backend_name, 2, 3, 12)]),
         "attention_scaled": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, scale=0.3),
                              [_f32(backend_name, 3, 4), _f32(backend_name, 5, 4), _f32(backend_name, 5, 2)]),
     }
@@ -304,7 +321,7 @@ def test_fused_float32_cases_cover_every_fused_primitive():
     from tinytensor import nn_ops
     fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ == nn_ops.__name__}
     covered = {"softmax", "log_softmax", "layer_norm", "cross_entropy", "gelu", "embedding", "dropout", "linear",
-               "scaled_dot_product_attention"}
+               "scaled_dot_product_attention", "multi_head_attention"}
     assert fused <= covered, f"fused primitives without a float32 case: {sorted(fused - covered)}"
 
 

@@ -420,6 +420,16 @@ def test_scaled_dot_product_attention(backend_name, case, seed):
     check_grad(fn, normal(seed, sq), normal(seed + 1, sk), normal(seed + 2, sv), backend_name=backend_name)
 
 
+@SETTINGS
+@given(B=st.integers(1, 2), T=st.integers(1, 5), n_head=st.integers(1, 3), hs=st.integers(1, 3),
+       causal=st.booleans(), dropout_p=st.sampled_from([0.0, 0.0, 0.3]), seed=SEEDS)
+def test_multi_head_attention(backend_name, B, T, n_head, hs, causal, dropout_p, seed):
+    def fn(qkv):
+        tt.manual_seed(seed % 1000)  # the same dropout mask for every evaluation
+        return F.multi_head_attention(qkv, n_head, causal=causal, dropout_p=dropout_p)
+    check_grad(fn, normal(seed, (B, T, 3 * n_head * hs)), backend_name=backend_name)
+
+
 # -- the registry must be covered ----------------------------------------------------------------------
 CASES = {
     "add": test_add,
@@ -449,6 +459,7 @@ CASES = {
     "dropout": test_dropout,
     "linear": test_linear,
     "scaled_dot_product_attention": test_scaled_dot_product_attention,
+    "multi_head_attention": test_multi_head_attention,
 }
 
 

@@ -83,6 +83,15 @@ def _causal_mask_lower_right(tq, tk):
     return torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
 
 
+def _torch_mha(n_head, causal=True):
+    def fn(qkv):
+        B, T, C3 = qkv.shape
+        q, k, v = (t.reshape(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+        y = TF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return y.transpose(1, 2).reshape(B, T, C3 // 3)
+    return fn
+
+
 def _sdpa(causal, **kw):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, **kw)
 
@@ -280,6 +289,12 @@ CASES: dict[str, list[Case]] = {
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
         Case("single_query", normal((2, 1, 4), (2, 1, 4), (2, 1, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    ],
+    "multi_head_attention": [
+        Case("causal_4_heads", normal((2, 5, 24)), lambda x: F.multi_head_attention(x, 4), _torch_mha(4)),
+        Case("full_1_head", normal((3, 4, 6)), lambda x: F.multi_head_attention(x, 1, causal=False),
+             _torch_mha(1, causal=False)),
+        Case("one_token", normal((2, 1, 12)), lambda x: F.multi_head_attention(x, 2), _torch_mha(2)),
     ],
     # composites (no primitive of their own), compared all the same
     "var": [

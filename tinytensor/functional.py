@@ -260,6 +260,11 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
     return N.ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
 
 
+def multi_head_attention(qkv, n_head, causal=True, dropout_p=0.0):
+    """Self-attention of packed q, k, v projections (B, T, 3C) with n_head heads -> (B, T, C), fused."""
+    return N.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
+
+
 builtins_sum = __builtins__["sum"] if isinstance(__builtins__, dict) else __builtins__.sum
 
 

@@ -53,9 +53,9 @@ class LayerNorm(Function):
         for p in params:
             if p.shape != (C,):
                 raise ValueError(f"weight/bias shape {tuple(p.shape)} does not match the last dim {C}")
-        mean = x.mean(axis=-1, keepdims=True)
-        xc = x - mean
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        inv_c = x.dtype.type(1.0 / C)  # sum * (1/C): ndarray.mean costs more Python per call
+        xc = x - x.sum(axis=-1, keepdims=True) * inv_c
+        var = (xc * xc).sum(axis=-1, keepdims=True) * inv_c
         self.rstd = 1.0 / xp.sqrt(var + eps)
         self.xhat = xc * self.rstd
         self.has_weight, self.has_bias = has_weight, has_bias
@@ -71,8 +71,9 @@ class LayerNorm(Function):
         grads = []
         gxhat = g * self.weight if self.has_weight else g
         # d/dx of (x - mean) * rstd, written so it needs only xhat and rstd
-        gx = (gxhat - gxhat.mean(axis=-1, keepdims=True)
-              - xhat * (gxhat * xhat).sum(axis=-1, keepdims=True) / C) * self.rstd
+        inv_c = g.dtype.type(1.0 / C)
+        gx = (gxhat - gxhat.sum(axis=-1, keepdims=True) * inv_c
+              - xhat * ((gxhat * xhat).sum(axis=-1, keepdims=True) * inv_c)) * self.rstd
         grads.append(gx)
         if self.has_weight:
             grads.append((g * xhat).sum(axis=lead))
@@ -264,6 +265,18 @@ def causal_bias(xp, t_q, t_k, dtype):
     return bias
 
 
+def attention_weights(qs, k, causal):
+    """softmax(qs k^T [+ causal mask]) over the keys, for already-scaled queries."""
+    xp = xp_of(qs)
+    att = qs @ k.swapaxes(-1, -2)
+    if causal:
+        att += causal_bias(xp, qs.shape[-2], k.shape[-2], att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    return att
+
+
 @register
 class ScaledDotProductAttention(Function):
     """softmax(q k^T * scale [+ causal mask]) v, with optional dropout on the weights.
@@ -273,20 +286,22 @@ class ScaledDotProductAttention(Function):
     """
 
     def forward(self, q, k, v, causal=True, scale=None, dropout_p=0.0):
-        xp = xp_of(q)
         if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
             raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+        self.q_shape = q.shape
+        return self._attend(q, k, v, causal, scale, dropout_p)
+
+    def backward(self, g):
+        gq, gk, gv = self._attend_backward(g)
+        return unbroadcast(gq, self.q_shape), unbroadcast(gk, self.k.shape), unbroadcast(gv, self.v.shape)
+
+    def _attend(self, q, k, v, causal, scale, dropout_p):
+        xp = xp_of(q)
         if causal and q.shape[-2] > k.shape[-2]:
             raise ValueError(f"causal attention needs at most as many queries as keys, got {q.shape[-2]} > {k.shape[-2]}")
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        self.q_shape = q.shape
         qs = q * q.dtype.type(self.scale)  # scaling q is cheaper than scaling q k^T
-        att = qs @ k.swapaxes(-1, -2)
-        if causal:
-            att += causal_bias(xp, q.shape[-2], k.shape[-2], att.dtype)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
+        att = attention_weights(qs, k, causal)
         self.mask = None
         if dropout_p > 0:
             self.mask = (backend.rng(xp).random(att.shape, dtype=np.float32) >= dropout_p).astype(att.dtype)
@@ -294,10 +309,10 @@ class ScaledDotProductAttention(Function):
         self.att, self.qs, self.k, self.v = att, qs, k, v
         return (att if self.mask is None else att * self.mask) @ v
 
-    def backward(self, g):
+    def _attend_backward(self, g):
         att, mask = self.att, self.mask
         att_d = att if mask is None else att * mask
-        gv = unbroadcast(att_d.swapaxes(-1, -2) @ g, self.v.shape)
+        gv = att_d.swapaxes(-1, -2) @ g
         ga = g @ self.v.swapaxes(-1, -2)
         if mask is not None:
             ga *= mask
@@ -306,4 +321,34 @@ class ScaledDotProductAttention(Function):
         ga *= att
         gq = (ga @ self.k) * ga.dtype.type(self.scale)
         gk = ga.swapaxes(-1, -2) @ self.qs
-        return unbroadcast(gq, self.q_shape), unbroadcast(gk, self.k.shape), gv
+        return gq, gk, gv
+
+
+@register
+class MultiHeadAttention(ScaledDotProductAttention):
+    """Self-attention on packed projections: qkv (B, T, 3C) -> (B, T, C) with n_head heads.
+
+    The same math as scaled_dot_product_attention; splitting the heads and merging
+    them back inside one primitive saves the composed form's reshapes, transposes
+    and three zero-filled slice gradients (heads are strided views, which BLAS
+    reads in place).
+    """
+
+    def forward(self, qkv, n_head=1, causal=True, dropout_p=0.0):
+        if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+            raise ValueError(f"qkv must be (B, T, 3 * n_head * head_size), got {tuple(qkv.shape)} "
+                             f"with n_head={n_head}")
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        heads = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
+        y = self._attend(heads[0], heads[1], heads[2], causal, None, dropout_p)  # (B, H, T, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
+    def backward(self, g):
+        B, T, C = g.shape
+        H = self.att.shape[1]
+        gq, gk, gv = self._attend_backward(g.reshape(B, T, H, C // H).transpose(0, 2, 1, 3))
+        out = xp_of(g).empty((B, T, 3, H, C // H), g.dtype)
+        for i, gi in enumerate((gq, gk, gv)):
+            out[:, :, i] = gi.transpose(0, 2, 1, 3)
+        return out.reshape(B, T, 3 * C)
