@@ -21,10 +21,15 @@ from bench.train_step import model_config
 from gpt.model import GPT
 
 
-def tokens_per_s(fn, n_tokens):
-    t = time.perf_counter()
-    out = fn()
-    return n_tokens / (time.perf_counter() - t), out
+def tokens_per_s(fns, n_tokens, repeats):
+    """Median tokens/s of each fn, run in turns `repeats` times (the machine is noisy)."""
+    rates, outs = [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            rates[i].append(n_tokens / (time.perf_counter() - t))
+    return [float(np.median(r)) for r in rates], outs
 
 
 def main(argv=None):
@@ -33,11 +38,12 @@ def main(argv=None):
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--new-tokens", type=int, default=255)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each decoder, in turns; medians reported")
     ap.add_argument("--quick", action="store_true", help="tiny model, 20 tokens: for CI")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
-        args.preset, args.new_tokens = "tiny", 20
+        args.preset, args.new_tokens, args.repeats = "tiny", 20, 1
     cfg, _ = model_config(args.preset)
     if args.new_tokens + 1 > cfg.block_size:
         ap.error(f"--new-tokens {args.new_tokens} does not fit in the {cfg.block_size}-token window")
@@ -46,14 +52,9 @@ def main(argv=None):
     prompt = np.zeros((1, 1), dtype=np.int64)
     n = args.new_tokens
     result = {"preset": args.preset, "backend": args.backend, "new_tokens": n}
-    cached_tps, cached = tokens_per_s(lambda: model.generate(prompt, n, temperature=0, kv_cache=True), n)
-    full_tps, full = tokens_per_s(lambda: model.generate(prompt, n, temperature=0, kv_cache=False), n)
-    result.update(kv_cache_tok_s=round(cached_tps, 1), recompute_tok_s=round(full_tps, 1),
-                  identical=bool((cached == full).all()), speedup=round(cached_tps / full_tps, 2))
-    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}), greedy, {n} tokens after a 1-token prompt")
-    print(f"  tinytensor KV cache : {cached_tps:9.1f} tokens/s")
-    print(f"  tinytensor recompute: {full_tps:9.1f} tokens/s   (cache speed-up {cached_tps / full_tps:.1f}x, "
-          f"identical output: {result['identical']})")
+    decoders = [lambda: model.generate(prompt, n, temperature=0, kv_cache=True),
+                lambda: model.generate(prompt, n, temperature=0, kv_cache=False)]
+    torch_model = None
     if not args.no_torch:
         try:
             import torch
@@ -62,13 +63,25 @@ def main(argv=None):
         except ImportError:
             print("torch is not installed: skipping the PyTorch side", file=sys.stderr)
         else:
-            tm = TorchGPT(cfg).eval()
-            load_from_tinytensor(tm, {k: tt.backend.to_numpy(v) for k, v in model.state_dict().items()})
-            torch_tps, tout = tokens_per_s(lambda: tm.generate(torch.from_numpy(prompt), n).numpy(), n)
-            result.update(torch_tok_s=round(torch_tps, 1), vs_torch=round(cached_tps / torch_tps, 2),
-                          same_as_torch=bool((tout == cached).all()))
-            print(f"  pytorch recompute   : {torch_tps:9.1f} tokens/s   (KV cache vs pytorch "
-                  f"{cached_tps / torch_tps:.1f}x, same tokens: {result['same_as_torch']})")
+            torch_model = TorchGPT(cfg).eval()
+            load_from_tinytensor(torch_model, {k: tt.backend.to_numpy(v) for k, v in model.state_dict().items()})
+            decoders.append(lambda: torch_model.generate(torch.from_numpy(prompt), n).numpy())
+    rates, outs = tokens_per_s(decoders, n, args.repeats)
+    cached_tps, full_tps = rates[:2]
+    cached, full = outs[:2]
+    result.update(kv_cache_tok_s=round(cached_tps, 1), recompute_tok_s=round(full_tps, 1),
+                  identical=bool((cached == full).all()), speedup=round(cached_tps / full_tps, 2))
+    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}), greedy, {n} tokens after a 1-token prompt, "
+          f"median of {args.repeats}")
+    print(f"  tinytensor KV cache : {cached_tps:9.1f} tokens/s")
+    print(f"  tinytensor recompute: {full_tps:9.1f} tokens/s   (cache speed-up {cached_tps / full_tps:.1f}x, "
+          f"identical output: {result['identical']})")
+    if torch_model is not None:
+        torch_tps, tout = rates[2], outs[2]
+        result.update(torch_tok_s=round(torch_tps, 1), vs_torch=round(cached_tps / torch_tps, 2),
+                      same_as_torch=bool((tout == cached).all()))
+        print(f"  pytorch recompute   : {torch_tps:9.1f} tokens/s   (KV cache vs pytorch "
+              f"{cached_tps / torch_tps:.1f}x, same tokens: {result['same_as_torch']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -33,7 +33,7 @@ VOCAB = 65  # Tiny Shakespeare's characters
 def model_config(preset):
     p = {**TrainConfig().__dict__, **PRESETS[preset]}
     return GPTConfig(vocab_size=VOCAB, block_size=p["block_size"], n_layer=p["n_layer"], n_head=p["n_head"],
-                     n_embd=p["n_embd"], dropout=p["dropout"], bias=True), p["batch_size"]
+                     n_embd=p["n_embd"], dropout=p["dropout"], bias=p["bias"]), p["batch_size"]
 
 
 def matmul_gflops(xp=np, n=1024, reps=10):
@@ -107,15 +107,22 @@ def batches(cfg, batch, n, seed=0):
         yield idx[:, :-1], idx[:, 1:]
 
 
-def time_steps(sides, cfg, batch, steps, warmup):
-    """Alternate the sides step by step on the same batches; per-side lists of seconds."""
-    times = {s.name: [] for s in sides}
-    for i, (x, y) in enumerate(batches(cfg, batch, warmup + steps)):
-        order = sides if i % 2 == 0 else sides[::-1]
-        for side in order:
-            t = time.perf_counter()
+def time_steps(sides, cfg, batch, steps, warmup, block=10, pause=0.5):
+    """Per-side lists of step times (s). The sides take turns in blocks of `block` steps on
+    the same batches, with a pause between blocks: both libraries' worker threads spin for
+    a while after their last call, and a side timed while the other's threads still spin
+    on the two cores looks slower than it is."""
+    data = list(batches(cfg, batch, warmup + steps))
+    for side in sides:  # warm-up: allocators, BLAS buffers, optimizer state
+        for x, y in data[:warmup]:
             side.step(x, y)
-            if i >= warmup:
+    times = {s.name: [] for s in sides}
+    for b, start in enumerate(range(warmup, warmup + steps, block)):
+        for side in (sides if b % 2 == 0 else sides[::-1]):
+            time.sleep(pause)
+            for x, y in data[start:start + block]:
+                t = time.perf_counter()
+                side.step(x, y)
                 times[side.name].append(time.perf_counter() - t)
     return times
 
@@ -129,22 +136,18 @@ def _status_kb(field):
 
 
 def measure_step_memory(side, preset, backend, steps):
-    """Peak RSS during `steps` steps above the RSS before them, in MB (run in a fresh process).
-
-    One warm-up step first (optimizer state, library buffers), then freed memory is
-    returned to the OS (malloc_trim) and the kernel's peak counter is reset, so the
-    figure is what a step needs on top of the model, gradients and optimizer state.
-    """
+    """Peak RSS over `steps` training steps above the RSS before the first one, in MB
+    (run in a fresh process): activations, temporaries, gradients and optimizer state,
+    everything a step adds on top of the model's weights and the data."""
     import ctypes
     cfg, batch = model_config(preset)
     s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
-    data = list(batches(cfg, batch, steps + 1))
-    s.step(*data[0])
+    data = list(batches(cfg, batch, steps))
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident set size
     before = _status_kb("VmRSS")
-    for x, y in data[1:]:
+    for x, y in data:
         s.step(x, y)
     return (_status_kb("VmHWM") - before) / 1024
 
@@ -163,7 +166,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--preset", default="shakespeare_char_cpu", choices=sorted(PRESETS))
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="time tinytensor only")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -171,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
-        args.preset, args.steps, args.warmup = "tiny", 2, 1
+        args.preset, args.steps, args.warmup = "tiny", 4, 1
     cfg, batch = model_config(args.preset)
     xp = tt.backend.get_xp(args.backend)
     sides = [Ours(cfg, batch, args.backend)]
@@ -206,7 +209,7 @@ def main(argv=None):
             cls = "Ours" if side.name == "tinytensor" else "Torch"
             mb = peak_memory_mb(cls, args.preset, args.backend, steps)
             result[side.name]["peak_mb"] = round(mb, 1)
-            print(f"  {side.name:10s} peak memory of a step (above weights, grads, optimizer): {mb:8.1f} MB")
+            print(f"  {side.name:10s} peak memory of training steps (above weights and data): {mb:8.1f} MB")
         if len(sides) == 2 and result["pytorch"]["peak_mb"] > 0:
             result["memory_ratio"] = round(result["tinytensor"]["peak_mb"] / result["pytorch"]["peak_mb"], 3)
             print(f"  memory ratio tinytensor / pytorch: {result['memory_ratio']:.2f}x")

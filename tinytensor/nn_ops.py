@@ -13,6 +13,7 @@ import numpy as np
 from . import backend
 from .backend import xp_of
 from .ops import unbroadcast
+from .parallel import for_row_chunks
 from .tensor import Function, register
 
 
@@ -43,6 +44,30 @@ class LogSoftmax(Function):
         return g - xp_of(g).exp(self.out) * g.sum(axis=self.axis, keepdims=True)
 
 
+def _layer_norm_forward(x, xhat, rstd, eps):
+    """xhat = (x - mean) / sqrt(var + eps) over the last axis; rstd = 1 / sqrt(var + eps)."""
+    xp = xp_of(x)
+    inv_c = x.dtype.type(1.0 / x.shape[-1])  # sum * (1/C): ndarray.mean costs more Python per call
+    xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=xhat)
+    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] * inv_c
+    var += eps
+    xp.sqrt(var, out=var)
+    xp.reciprocal(var, out=rstd)
+    xhat *= rstd
+
+
+def _layer_norm_backward(xhat, rstd, gxhat, gx):
+    """gx = d/dx of xhat given d/dxhat, in terms of xhat and rstd only."""
+    xp = xp_of(xhat)
+    inv_c = gxhat.dtype.type(1.0 / xhat.shape[-1])
+    mean_g = gxhat.sum(axis=-1, keepdims=True) * inv_c
+    mean_gx = xp.einsum("...i,...i->...", gxhat, xhat)[..., None] * inv_c
+    xp.multiply(xhat, mean_gx, out=gx)
+    gx += mean_g
+    xp.subtract(gxhat, gx, out=gx)
+    gx *= rstd
+
+
 @register
 class LayerNorm(Function):
     """Normalise over the last axis, then scale and shift: inputs (x[, weight][, bias])."""
@@ -53,32 +78,27 @@ class LayerNorm(Function):
         for p in params:
             if p.shape != (C,):
                 raise ValueError(f"weight/bias shape {tuple(p.shape)} does not match the last dim {C}")
-        inv_c = x.dtype.type(1.0 / C)  # sum * (1/C): ndarray.mean costs more Python per call
-        xc = x - x.sum(axis=-1, keepdims=True) * inv_c
-        var = (xc * xc).sum(axis=-1, keepdims=True) * inv_c
-        self.rstd = 1.0 / xp.sqrt(var + eps)
-        self.xhat = xc * self.rstd
-        self.has_weight, self.has_bias = has_weight, has_bias
+        x2 = x.reshape(-1, C)  # rows: split over the cores
+        self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), x.dtype)
+        for_row_chunks(lambda *rows: _layer_norm_forward(*rows, eps), x2, self.xhat, self.rstd)
+        self.shape, self.has_weight, self.has_bias = x.shape, has_weight, has_bias
         self.weight = params[0] if has_weight else None
         y = self.xhat * self.weight if has_weight else self.xhat.copy()
         if has_bias:
             y += params[-1]
-        return y
+        return y.reshape(x.shape)
 
     def backward(self, g):
-        xhat, C = self.xhat, self.xhat.shape[-1]
-        lead = tuple(range(g.ndim - 1))
-        grads = []
-        gxhat = g * self.weight if self.has_weight else g
-        # d/dx of (x - mean) * rstd, written so it needs only xhat and rstd
-        inv_c = g.dtype.type(1.0 / C)
-        gx = (gxhat - gxhat.sum(axis=-1, keepdims=True) * inv_c
-              - xhat * ((gxhat * xhat).sum(axis=-1, keepdims=True) * inv_c)) * self.rstd
-        grads.append(gx)
+        xp = xp_of(g)
+        g2 = g.reshape(self.xhat.shape)
+        gxhat = g2 * self.weight if self.has_weight else xp.asarray(g2)
+        gx = xp.empty_like(gxhat)
+        for_row_chunks(_layer_norm_backward, self.xhat, self.rstd, gxhat, gx)
+        grads = [gx.reshape(self.shape)]
         if self.has_weight:
-            grads.append((g * xhat).sum(axis=lead))
+            grads.append(xp.einsum("ni,ni->i", g2, self.xhat))
         if self.has_bias:
-            grads.append(g.sum(axis=lead))
+            grads.append(g2.sum(axis=0))
         return tuple(grads)
 
 
@@ -135,38 +155,49 @@ class CrossEntropy(Function):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+def _gelu_forward(x, s, y):
+    """s = sigmoid(2u), y = x * s, where u = c (x + 0.044715 x^3); written into s and y."""
+    xp = xp_of(x)
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u): one exp instead of a slower tanh
+    xp.multiply(x, x, out=s)
+    s *= -2 * _GELU_C * 0.044715
+    s -= 2 * _GELU_C
+    s *= x  # -2u
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: sigmoid -> 0
+        xp.exp(s, out=s)
+    s += 1
+    xp.reciprocal(s, out=s)
+    xp.multiply(x, s, out=y)
+
+
+def _gelu_backward(x, s, g, gx):
+    """gx = g * d/dx [x sigmoid(2u)] = g * s (1 + 2 x u' (1 - s)), u' = c (1 + 3 * 0.044715 x^2)."""
+    xp = xp_of(x)
+    xp.multiply(x, x, out=gx)
+    gx *= 2 * _GELU_C * 3 * 0.044715
+    gx += 2 * _GELU_C
+    gx *= x  # 2 x u'
+    gx *= 1 - s
+    gx += 1
+    gx *= s
+    gx *= g
+
+
 @register
 class Gelu(Function):
     """GELU, tanh approximation (GPT-2; torch's approximate="tanh")."""
 
     def forward(self, x):
         xp = xp_of(x)
-        # 0.5 * (1 + tanh(u)) == sigmoid(2u): one exp instead of a slower tanh
-        u2 = xp.asarray(x * x)  # asarray: for 0-d x, x * x is a NumPy scalar and out= below needs an array
-        u2 *= 0.044715
-        u2 += 1
-        u2 *= x
-        u2 *= -2 * _GELU_C
-        with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: sigmoid -> 0
-            xp.exp(u2, out=u2)
-        u2 += 1
-        s = xp.reciprocal(u2, out=u2)
-        self.x, self.s = x, s
-        return x * s
+        x = xp.asarray(x)
+        self.x, self.s, y = x, xp.empty_like(x), xp.empty_like(x)
+        for_row_chunks(_gelu_forward, x, self.s, y)  # rows on every core (NumPy)
+        return y
 
     def backward(self, g):
-        x, s = self.x, self.s
-        # d/dx x*sigmoid(2u) = s + 2 x s (1 - s) u',  u' = c (1 + 3 * 0.044715 x^2)
-        du = x * x
-        du *= 3 * 0.044715 * _GELU_C
-        du += _GELU_C
-        du *= x
-        du *= 2
-        du *= s
-        du *= 1 - s
-        du += s
-        du *= g
-        return du
+        gx = xp_of(g).empty_like(g)
+        for_row_chunks(_gelu_backward, self.x, self.s, xp_of(g).asarray(g), gx)
+        return gx
 
 
 def scatter_add_rows(idx, g, n_rows):

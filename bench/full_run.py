@@ -1,0 +1,104 @@
+"""A whole training run, tinytensor vs PyTorch: wall time to the final val loss.
+
+    python -m bench.full_run --input ../shared/data/tinyshakespeare.txt     # shakespeare_char_cpu, 2000 steps
+    python -m bench.full_run --quick --input FILE                           # a few steps, for CI
+
+Ours is `python -m gpt.train` itself (in-process, progress bar off, samples
+on). The PyTorch side trains bench/torch_gpt.py with the same config, the same
+batches (gpt.data.get_batch with the same seed), the same learning-rate curve,
+AdamW groups, clipping and evaluation schedule. The two runs go one after the
+other, so a busy machine skews them: rerun and compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from gpt import config as C
+from gpt import train
+from gpt.data import get_batch, prepare
+from tinytensor.optim import warmup_cosine_lr
+
+
+def run_ours(argv, out_dir):
+    t = time.perf_counter()
+    code = train.main(argv + ["--out-dir", out_dir, "--progress", "false"])
+    wall = time.perf_counter() - t
+    if code:
+        raise RuntimeError(f"gpt.train exited with {code}")
+    evals = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl") if "val_loss" in line]
+    return wall, evals[-1]["val_loss"]
+
+
+def run_torch(cfg: C.TrainConfig):
+    import torch
+
+    from bench.torch_gpt import TorchGPT
+    from gpt.model import GPTConfig
+    t = time.perf_counter()
+    data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, log=None)
+    torch.manual_seed(cfg.seed)
+    mcfg = GPTConfig(vocab_size=data.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = TorchGPT(mcfg)
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    rng = np.random.default_rng(cfg.seed)
+    decay = cfg.lr_decay_iters or cfg.max_iters
+    val = math.nan
+    for step in range(cfg.max_iters + 1):
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            model.eval()
+            erng = np.random.default_rng([cfg.seed, step, 1])
+            with torch.no_grad():
+                for split, d in (("train", data.train), ("val", data.val)):
+                    losses = [model(*map(torch.from_numpy, get_batch(d, cfg.batch_size, cfg.block_size, erng)))[1]
+                              .item() for _ in range(cfg.eval_iters)]
+                    val = float(np.mean(losses))
+            model.train()
+        if step == cfg.max_iters:
+            break
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, decay, cfg.min_lr)
+        x, y = map(torch.from_numpy, get_batch(data.train, cfg.batch_size, cfg.block_size, rng))
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    return time.perf_counter() - t, val
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.full_run", description=__doc__.splitlines()[0])
+    ap.add_argument("--input", help="the Tiny Shakespeare text (default: download / data/ cache)")
+    ap.add_argument("--preset", default="shakespeare_char_cpu")
+    ap.add_argument("--quick", action="store_true", help="20 steps: for CI")
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+    argv = ["--preset", args.preset] + (["--input", args.input] if args.input else [])
+    if args.quick:
+        argv += ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--sample-tokens", "0"]
+    cfg = C.from_args(argv)
+    result = {"preset": args.preset, "max_iters": cfg.max_iters}
+    with tempfile.TemporaryDirectory() as out:
+        wall, val = run_ours(argv, out)
+    result["tinytensor"] = {"wall_s": round(wall, 1), "val_loss": round(val, 4)}
+    print(f"tinytensor: {cfg.max_iters} steps in {wall:.1f} s, final val loss {val:.4f}", file=sys.stderr)
+    if not args.no_torch:
+        twall, tval = run_torch(cfg)
+        result["pytorch"] = {"wall_s": round(twall, 1), "val_loss": round(tval, 4)}
+        result["wall_ratio"] = round(wall / twall, 3)
+        print(f"pytorch   : {cfg.max_iters} steps in {twall:.1f} s, final val loss {tval:.4f}", file=sys.stderr)
+        print(f"wall-time ratio tinytensor / pytorch: {wall / twall:.3f}x", file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
