@@ -32,6 +32,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from .atomic import atomic_write_bytes
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT", "METADATA_KEY"]
 
 FORMAT = "tinytensor-ckpt-v1"
@@ -68,20 +70,6 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return arr
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename durable; directories cannot be opened on every OS.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: Union[str, os.PathLike], tensors: dict, metadata: dict
 ) -> Path:
@@ -116,26 +104,9 @@ def save_checkpoint(
     header = {"format": FORMAT, METADATA_KEY: meta_json}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target, so os.replace is a rename on one filesystem
-    # (atomic); the pid keeps concurrent writers from sharing a temp file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        # Serialise to bytes and write them ourselves (rather than save_file):
-        # the file then gets normal umask permissions, and we can fsync it.
-        blob = safetensors_save(arrays, metadata=header)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        del blob
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    # Serialise to bytes and write them ourselves (rather than save_file): the
+    # file then gets normal umask permissions, and the write is atomic.
+    atomic_write_bytes(path, safetensors_save(arrays, metadata=header))
     return path
 
 

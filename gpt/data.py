@@ -45,6 +45,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from gpt.atomic import atomic_write_bytes
 from gpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_json
 
 __all__ = [
@@ -113,41 +114,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS, so best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a prefix.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def _read_text(path: Path, what: str = "input file") -> tuple[str, bytes]:
     """Read a UTF-8 text file, turning every way it can be unusable into DataError."""
     if not path.exists():
@@ -211,7 +177,7 @@ def _shakespeare_source(data_dir: Path, log: Callable[[str], None]) -> Path:
             f"--input PATH pointing at a local copy, or put the file at {dest}."
         )
     dest_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(dest, data)
+    atomic_write_bytes(dest, data)
     log(f"saved {len(data):,} bytes to {dest}")
     return dest
 
@@ -386,9 +352,9 @@ def prepare(
             f"(need at least {MIN_VAL_TOKENS}, i.e. about {need} tokens in all). Use a longer text."
         )
 
-    _atomic_write_bytes(ds_dir / "train.bin", ids[:n_train].tobytes())
-    _atomic_write_bytes(ds_dir / "val.bin", ids[n_train:].tobytes())
-    _atomic_write_bytes(ds_dir / "tokenizer.json", tok.to_json().encode("utf-8"))
+    atomic_write_bytes(ds_dir / "train.bin", ids[:n_train].tobytes())
+    atomic_write_bytes(ds_dir / "val.bin", ids[n_train:].tobytes())
+    atomic_write_bytes(ds_dir / "tokenizer.json", tok.to_json().encode("utf-8"))
     meta = {
         "source_sha256": source_sha,
         "tokenizer": tokenizer,
@@ -400,7 +366,7 @@ def prepare(
         "requested_vocab_size": vocab_size,
         "source": str(src),
     }
-    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     log(f"prepared {ds_dir}: {n_train:,} train / {n_val:,} val tokens, vocab {tok.vocab_size}")
 
     train = np.memmap(ds_dir / "train.bin", dtype=np.uint16, mode="r")

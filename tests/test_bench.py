@@ -39,3 +39,18 @@ def test_step_flops_counts_parameters():
 def test_model_config_matches_preset(preset):
     cfg, batch = train_step.model_config(preset)
     assert cfg.vocab_size == 65 and batch >= 1
+
+
+def test_full_run_quick_trains_both_sides(tmp_path, monkeypatch):
+    import gpt.data
+    from bench import full_run
+    monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", tmp_path / "data")
+    rng = __import__("numpy").random.default_rng(0)
+    words = "the king queen lord lady night day love hath thou shall come speak fair noble".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(400)) + "\n")
+    r = full_run.main(["--quick", "--preset", "tiny", "--input", str(corpus)])
+    assert r["tinytensor"]["wall_s"] > 0 and math.isfinite(r["tinytensor"]["val_loss"])
+    if "pytorch" in r:
+        # same batches, same recipe: the two should land close together
+        assert abs(r["pytorch"]["val_loss"] - r["tinytensor"]["val_loss"]) < 0.5

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import tinytensor as tt
-import tinytensor.functional as F
 from tinytensor.nn.utils import clip_grad_norm_
 from tinytensor.optim import SGD, AdamW, WarmupCosine, warmup_cosine_lr
 
