@@ -20,7 +20,7 @@ import numpy as np
 import tinytensor as tt
 import tinytensor.functional as F
 from tinytensor import nn
-from tinytensor.nn_ops import attention_weights
+from tinytensor.nn_ops import attention_weights_t
 
 from .sampling import generate_tokens
 
@@ -78,8 +78,8 @@ class KVCache:
         end = self.length + T
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
-        att = attention_weights(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
-        y = att @ self.values[layer][:, :, :end]  # (B, H, T, hs)
+        att_t = attention_weights_t(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
+        y = att_t.swapaxes(-1, -2) @ self.values[layer][:, :, :end]  # (B, H, T, hs)
         return tt.Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3))
 
 

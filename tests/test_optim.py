@@ -287,3 +287,27 @@ def test_clip_grad_norm_above_max_scales_to_max():
     np.testing.assert_allclose(params[0].grad, g0 * (2.0 / norm), rtol=1e-5)
     assert params[1].grad is None
     assert clip_grad_norm_([params[1]], 1.0) == 0.0
+
+
+def test_adamw_flat_and_per_tensor_paths_match_torch():
+    """The flat-buffer path (all grads present), the per-tensor fallback (a grad missing,
+    then unequal step counts) and the switches between them all match torch.optim.AdamW."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    init = [rng.standard_normal((3, 4)), rng.standard_normal((5,))]
+    ours = [tt.nn.Parameter(a.copy()) for a in init]
+    theirs = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    opt = tt.optim.AdamW(ours, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    topt = torch.optim.AdamW(theirs, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    for step, with_second in enumerate([True, False, True, True]):
+        grads = [rng.standard_normal(a.shape) for a in init]
+        for i, (p, tp) in enumerate(zip(ours, theirs)):
+            keep = i == 0 or with_second
+            p.grad = grads[i].copy() if keep else None
+            tp.grad = torch.tensor(grads[i]) if keep else None
+        opt.step()
+        topt.step()
+        for p, tp in zip(ours, theirs):
+            np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg=f"step {step}")
+    state = opt.state_dict()["state"]
+    assert [state[i]["step"] for i in range(2)] == [4, 3]
