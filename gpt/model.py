@@ -20,7 +20,7 @@ import numpy as np
 import tinytensor as tt
 import tinytensor.functional as F
 from tinytensor import nn
-from tinytensor.nn_ops import attention_weights_t
+from tinytensor.attention import attention_weights_t
 
 from .sampling import generate_tokens
 

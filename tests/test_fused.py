@@ -318,8 +318,8 @@ def _fused_float32_cases(backend_name):
 
 
 def test_fused_float32_cases_cover_every_fused_primitive():
-    from tinytensor import nn_ops
-    fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ == nn_ops.__name__}
+    from tinytensor import attention, nn_ops
+    fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ in (nn_ops.__name__, attention.__name__)}
     covered = {"softmax", "log_softmax", "layer_norm", "cross_entropy", "gelu", "embedding", "dropout", "linear",
                "scaled_dot_product_attention", "multi_head_attention"}
     assert fused <= covered, f"fused primitives without a float32 case: {sorted(fused - covered)}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import attention as A
 from . import nn_ops as N
 from . import ops as P
 from .tensor import DEFAULT_DTYPE, Tensor, _is_float
@@ -257,12 +258,12 @@ def dropout(x, p=0.5, training=True):
 
 def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs), causal) v on (..., T, hs) tensors, fused."""
-    return N.ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
+    return A.ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
 
 
 def multi_head_attention(qkv, n_head, causal=True, dropout_p=0.0):
     """Self-attention of packed q, k, v projections (B, T, 3C) with n_head heads -> (B, T, C), fused."""
-    return N.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
+    return A.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
 
 
 builtins_sum = __builtins__["sum"] if isinstance(__builtins__, dict) else __builtins__.sum

@@ -75,8 +75,6 @@ class Function:
     """
 
     name = "function"
-    # which inputs can carry a gradient (None = all float inputs)
-    differentiable: tuple | None = None
 
     def __init__(self):
         self.parents: tuple = ()
