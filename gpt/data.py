@@ -275,6 +275,14 @@ def prepare(
     if input_path is not None:
         src = Path(input_path).expanduser()
     elif dataset in KNOWN_DATASETS:
+        name = "shakespeare_char" if tokenizer == "char" else f"shakespeare_bpe{vocab_size}"
+        if not (data_dir / "shakespeare_char" / "input.txt").is_file():
+            # prepared earlier and the text since removed: the verified preparation is enough
+            cached = _load_prepared(data_dir / name, name, SHAKESPEARE_SHA256, tokenizer, vocab_size)
+            if cached is not None:
+                log(f"using prepared dataset at {data_dir / name} ({cached.meta['n_train']:,} train / "
+                    f"{cached.meta['n_val']:,} val tokens, vocab {cached.vocab_size})")
+                return cached
         src = _shakespeare_source(data_dir, log)
     else:
         raise DataError(

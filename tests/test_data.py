@@ -442,3 +442,23 @@ def test_get_batch_property(n, batch, block, seed):
         assert 0 <= s <= n - block - 1
         assert np.array_equal(x[b], data[s:s + block])
         assert np.array_equal(y[b], data[s + 1:s + block + 1])
+
+
+def test_prepared_shakespeare_is_reused_without_its_text(tmp_path, monkeypatch):
+    """Once prepared from the verified text, the dataset loads even after input.txt is
+    deleted, with no download attempted."""
+    import gpt.data as D
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
+    monkeypatch.setattr(D, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    src_dir = tmp_path / "shakespeare_char"
+    src_dir.mkdir()
+    (src_dir / "input.txt").write_text(text, encoding="utf-8")
+    first = D.prepare(data_dir=tmp_path, log=None)
+    (src_dir / "input.txt").unlink()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not download")
+    monkeypatch.setattr(D, "_download", no_download)
+    again = D.prepare(data_dir=tmp_path, log=None)
+    assert again.name == first.name == "shakespeare_char"
+    assert np.array_equal(np.asarray(again.val), np.asarray(first.val))
