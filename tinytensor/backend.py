@@ -103,6 +103,16 @@ def name_of(array) -> str:
     return "numpy" if xp_of(array) is np else "cupy"
 
 
+def add_at(out, index, values):
+    """out[index] += values, with repeated indices adding up (NumPy's ufunc.at; on
+    CuPy, cupyx.scatter_add: an atomic scatter-add, which is fast on a GPU)."""
+    if xp_of(out) is np:
+        np.add.at(out, index, values)
+    else:
+        import cupyx  # ships with CuPy
+        cupyx.scatter_add(out, index, values)
+
+
 def to_backend(array, name: str):
     """Move an array to a backend (a copy only when it changes device)."""
     xp = get_xp(name)

@@ -213,7 +213,7 @@ def scatter_add_rows(idx, g, n_rows):
     flat_g = g.reshape(flat_idx.size, g.shape[-1])  # not -1: that fails when idx is empty
     if xp is not np:
         out = xp.zeros((n_rows, flat_g.shape[1]), g.dtype)
-        xp.add.at(out, flat_idx, flat_g)  # CuPy: a parallel atomic scatter-add, fast on a GPU
+        backend.add_at(out, flat_idx, flat_g)  # on a GPU an atomic scatter-add is the fast way
         return out
     if flat_idx.size * n_rows <= (1 << 24):
         # small vocabularies: a one-hot matrix product is much faster than scatter-add

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backend
 from .backend import xp_of
 from .tensor import Function, register
 
@@ -253,7 +254,7 @@ class GetItem(Function):
         if _is_basic_index(self.index):
             out[self.index] = g  # views never overlap: plain assignment
         else:
-            xp.add.at(out, self.index, g)  # repeated indices must add up
+            backend.add_at(out, self.index, g)  # repeated indices must add up
         return out
 
 
