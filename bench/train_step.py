@@ -50,6 +50,21 @@ def matmul_gflops(xp=np, n=1024, reps=10):
     return 2 * n ** 3 / best / 1e9
 
 
+def thread_counts(sides):
+    """The threads each side computes with (the comparison needs them equal)."""
+    counts = {}
+    try:
+        from threadpoolctl import threadpool_info
+        counts["numpy_blas"] = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+                                   default=None)
+    except ImportError:
+        counts["numpy_blas"] = None
+    if any(s.name == "pytorch" for s in sides):
+        import torch
+        counts["torch"] = torch.get_num_threads()
+    return counts
+
+
 def step_flops(cfg: GPTConfig, batch: int) -> float:
     """Training FLOPs per step: 6 per parameter per token, plus attention (PaLM's estimate)."""
     n_params = (cfg.vocab_size * cfg.n_embd  # tied embedding / head
@@ -188,11 +203,11 @@ def main(argv=None):
     flops = step_flops(cfg, batch)
     tokens = batch * cfg.block_size
     result = {"preset": args.preset, "backend": args.backend, "steps": args.steps,
-              "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+              "threads": thread_counts(sides),
               "matmul_gflops": round(rate, 1), "step_gflop": round(flops / 1e9, 3)}
     print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, block {cfg.block_size}, batch {batch}), "
           f"backend {args.backend}, {args.steps} steps after {args.warmup} warm-up; "
-          f"float32 matmul here: {rate:.0f} GFLOP/s")
+          f"float32 matmul here: {rate:.0f} GFLOP/s; threads {result['threads']}")
     for side in sides:
         ms = statistics.median(times[side.name]) * 1000
         mfu = flops / (ms / 1000) / (rate * 1e9)
