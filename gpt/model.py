@@ -71,6 +71,9 @@ class KVCache:
         Arrays, not autograd ops: inference records no graph, and one token's step
         is dominated by per-op overhead, so the fewer ops the better.
         """
+        if qkv.requires_grad:
+            raise RuntimeError("the KV cache is for inference: call the model under tt.no_grad() "
+                               "(or without cache= to train)")
         qkv = qkv.data
         B, T, C3 = qkv.shape
         hs = C3 // 3 // n_head

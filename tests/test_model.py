@@ -548,3 +548,11 @@ def test_gpt_and_tinytensor_never_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_kv_cache_refuses_to_record_a_graph():
+    """The cached path works on arrays (no graph): using it with grad on must fail loudly,
+    not silently drop attention's gradients."""
+    model = GPT(small_config())
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(np.zeros((1, 3), np.int64), cache=model.new_cache(1))
