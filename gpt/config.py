@@ -115,20 +115,15 @@ def _converter(tp):
         return lambda s: None if s.lower() == "none" else conv(s)
     if tp is bool:
         return _parse_bool
-    if tp is int:
-        def to_int(s):
+    if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
+
+        def to_number(s):
             try:
-                return int(s)
+                return tp(s)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        return to_int
-    if tp is float:
-        def to_float(s):
-            try:
-                return float(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        return to_float
+                raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        return to_number
     return str
 
 

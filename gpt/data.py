@@ -225,6 +225,12 @@ def _load_prepared(
 # --------------------------------------------------------------------------- public API
 
 
+def _reused(cached: Dataset, log) -> Dataset:
+    log(f"using prepared dataset at {cached.dir} ({cached.meta['n_train']:,} train / "
+        f"{cached.meta['n_val']:,} val tokens, vocab {cached.vocab_size})")
+    return cached
+
+
 def prepare(
     dataset: str = "shakespeare_char",
     input_path: Union[str, os.PathLike, None] = None,
@@ -280,9 +286,7 @@ def prepare(
             # prepared earlier and the text since removed: the verified preparation is enough
             cached = _load_prepared(data_dir / name, name, SHAKESPEARE_SHA256, tokenizer, vocab_size)
             if cached is not None:
-                log(f"using prepared dataset at {data_dir / name} ({cached.meta['n_train']:,} train / "
-                    f"{cached.meta['n_val']:,} val tokens, vocab {cached.vocab_size})")
-                return cached
+                return _reused(cached, log)
         src = _shakespeare_source(data_dir, log)
     else:
         raise DataError(
@@ -311,9 +315,7 @@ def prepare(
     # 3. Reuse a complete preparation of the same source.
     cached = _load_prepared(ds_dir, name, source_sha, tokenizer, vocab_size)
     if cached is not None:
-        log(f"using prepared dataset at {ds_dir} ({cached.meta['n_train']:,} train / "
-            f"{cached.meta['n_val']:,} val tokens, vocab {cached.vocab_size})")
-        return cached
+        return _reused(cached, log)
 
     # 4. Prepare from scratch.
     ds_dir.mkdir(parents=True, exist_ok=True)

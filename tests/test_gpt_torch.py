@@ -207,18 +207,10 @@ def test_tied_wte_gradient_has_both_uses():
     assert np.abs(g - emb_part).max() > 100 * 1e-5 * np.abs(total).max()
 
 
-def test_adamw_training_matches_torch():
-    """10 steps of AdamW (decay on 2-D weights only) with clip_grad_norm_(1.0), same batches."""
-    ours, ref = make_pair(seed=4)
-    opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
-    decay = [p for p in ref.parameters() if p.dim() >= 2]
-    no_decay = [p for p in ref.parameters() if p.dim() < 2]
-    assert len(decay) == len(opt.param_groups[0]["params"]) and len(no_decay) == len(opt.param_groups[1]["params"])
-    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+def train_both(ours, ref, opt, ref_opt, batches):
+    """The same AdamW + clip_grad_norm_(1.0) steps on both models: losses and norms of each."""
     losses, ref_losses, norms, ref_norms = [], [], [], []
-    for step in range(10):
-        x, y = batch(100 + step, learnable=True)
+    for x, y in batches:
         opt.zero_grad()
         _, loss = ours(x, y)
         loss.backward()
@@ -232,6 +224,20 @@ def test_adamw_training_matches_torch():
         ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
         ref_opt.step()
         ref_losses.append(ref_loss.item())
+    return losses, ref_losses, norms, ref_norms
+
+
+def test_adamw_training_matches_torch():
+    """10 steps of AdamW (decay on 2-D weights only) with clip_grad_norm_(1.0), same batches."""
+    ours, ref = make_pair(seed=4)
+    opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    assert len(decay) == len(opt.param_groups[0]["params"]) and len(no_decay) == len(opt.param_groups[1]["params"])
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    losses, ref_losses, norms, ref_norms = train_both(
+        ours, ref, opt, ref_opt, [batch(100 + step, learnable=True) for step in range(10)])
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
     assert losses[-1] < losses[0]  # it learns
@@ -255,20 +261,6 @@ def test_adamw_with_active_clipping_matches_torch():
     ref_opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": 0.1},
                                  {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0}],
                                 lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    norms, losses, ref_losses = [], [], []
-    for step in range(10):
-        x, y = batch(200 + step)
-        opt.zero_grad()
-        _, loss = ours(x, y)
-        loss.backward()
-        norms.append(tt.nn.utils.clip_grad_norm_(ours.parameters(), 1.0))
-        opt.step()
-        losses.append(loss.item())
-        ref_opt.zero_grad()
-        _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
-        ref_losses.append(ref_loss.item())
+    losses, ref_losses, norms, _ = train_both(ours, ref, opt, ref_opt, [batch(200 + step) for step in range(10)])
     assert min(norms) > 1.0
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)

@@ -12,6 +12,8 @@ their own. The Tensor methods and operators at the bottom map onto these.
 """
 from __future__ import annotations
 
+import builtins
+
 import numpy as np
 
 from . import attention as A
@@ -204,7 +206,7 @@ def split(x, split_size_or_sections, axis=0):
             sizes.append(n % split_size_or_sections)
     else:
         sizes = list(split_size_or_sections)
-        if builtins_sum(sizes) != n:
+        if builtins.sum(sizes) != n:  # the module's own sum is the tensor one
             raise ValueError(f"split sizes {sizes} do not add up to {n} (axis {axis} of {x.shape})")
     pieces, start = [], 0
     lead = (slice(None),) * (axis % x.ndim)
@@ -264,9 +266,6 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 def multi_head_attention(qkv, n_head, causal=True, dropout_p=0.0):
     """Self-attention of packed q, k, v projections (B, T, 3C) with n_head heads -> (B, T, C), fused."""
     return A.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
-
-
-builtins_sum = __builtins__["sum"] if isinstance(__builtins__, dict) else __builtins__.sum
 
 
 # -- Tensor methods and operators -----------------------------------------------------------------
