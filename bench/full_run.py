@@ -12,6 +12,7 @@ other, so a busy machine skews them: rerun and compare.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ def run_ours(argv, out_dir):
     wall = time.perf_counter() - t
     if code:
         raise RuntimeError(f"gpt.train exited with {code}")
-    evals = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl") if "val_loss" in line]
+    evals = [row for row in map(json.loads, open(f"{out_dir}/metrics.jsonl")) if row["kind"] == "eval"]
     return wall, evals[-1]["val_loss"]
 
 
@@ -98,7 +99,7 @@ def main(argv=None):
         argv += ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--sample-tokens", "0"]
     if args.seed is not None:
         argv += ["--seed", str(args.seed)]
-    cfg = C.from_args(argv)
+    cfg, _ = C.from_args(argv)
     result = {"preset": args.preset, "max_iters": cfg.max_iters}
     wall = None
     if not args.torch_rng:  # that mode only calibrates PyTorch against nanoGPT's published figure
@@ -106,7 +107,9 @@ def main(argv=None):
             wall, val = run_ours(argv, out)
         result["tinytensor"] = {"wall_s": round(wall, 1), "val_loss": round(val, 4)}
         print(f"tinytensor: {cfg.max_iters} steps in {wall:.1f} s, final val loss {val:.4f}", file=sys.stderr)
-    if not args.no_torch:
+    if not args.no_torch and importlib.util.find_spec("torch") is None:
+        print("pytorch   : not installed (pip install torch==2.13.0); measured our side only", file=sys.stderr)
+    elif not args.no_torch:
         twall, tval = run_torch(cfg, torch_rng=args.torch_rng)
         result["pytorch"] = {"wall_s": round(twall, 1), "val_loss": round(tval, 4)}
         print(f"pytorch   : {cfg.max_iters} steps in {twall:.1f} s, final val loss {tval:.4f}", file=sys.stderr)

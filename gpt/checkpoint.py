@@ -21,36 +21,36 @@ Example::
 Saving is atomic: the file is written under a temporary name in the same
 directory, fsynced, and renamed over ``path``; an interrupted save leaves the
 previous checkpoint untouched.
+
+Reading treats the file as untrusted: the header is parsed and checked here
+(``gpt.checkpoint_validate``) before a single tensor byte is read, and the tensors
+are then read straight into arrays of the sizes the header promised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from . import strict_json
 from .atomic import atomic_write_bytes
+from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY, CheckpointError, TensorSpec,
+                                  check_optimizer_meta, corrupt, parse_header, parse_metadata,
+                                  validate_model_meta, validate_training_meta)
+from .resources import ResourceError, check_fits
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT", "METADATA_KEY"]
+__all__ = ["CheckpointError", "TensorSpec", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
+           "load_model", "weights_are_finite", "pack_training_state", "unpack_training_state",
+           "validate_model_meta", "validate_training_meta", "FORMAT", "METADATA_KEY"]
 
-FORMAT = "tinytensor-ckpt-v1"
-METADATA_KEY = "tinytensor"
-
-# dtypes safetensors can store and NumPy can represent
-_SUPPORTED_DTYPES = {
-    np.dtype(t)
-    for t in (
-        np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32,
-        np.uint64, np.int64, np.float16, np.float32, np.float64,
-    )
-}
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written or read; the message says why and what to do."""
+# dtypes safetensors can store and NumPy can represent (native byte order)
+_SUPPORTED_DTYPES = {dt.newbyteorder("=") for dt in DTYPES.values()}
 
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:
@@ -79,47 +79,51 @@ def save_checkpoint(
     directories are created. Returns the path written.
 
     Raises:
-        CheckpointError: bad names, unsupported dtypes, non-JSON metadata, or
-            ``path`` is a directory. I/O errors during the write propagate
-            unchanged after the temporary file has been removed.
+        CheckpointError: bad names, unsupported dtypes, metadata that is not JSON
+            (NaN/Infinity included) or that a reader would refuse, or ``path`` is a
+            directory. I/O errors during the write propagate unchanged after the
+            temporary file has been removed.
     """
     from safetensors.numpy import save as safetensors_save
 
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint path is a directory: {path}; pass a file path such as {path / 'ckpt.safetensors'}")
+        raise CheckpointError(f"checkpoint path is a directory: {path}; pass a file path such as "
+                              f"{path / 'ckpt.safetensors'}")
     if not isinstance(tensors, dict):
         raise CheckpointError(f"tensors must be a dict of name -> array, got {type(tensors).__name__}")
     arrays = {}
     for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise CheckpointError(f"tensor names must be non-empty strings other than '__metadata__', got {name!r}")
         arrays[name] = _to_numpy(name, value)
     if not isinstance(metadata, dict):
         raise CheckpointError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        meta_json = json.dumps(metadata)
+        # allow_nan=False: readers refuse NaN/Infinity, so never write a file they would refuse
+        meta_json = json.dumps(metadata, allow_nan=False)
+        strict_json.check_depth(meta_json)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
     header = {"format": FORMAT, METADATA_KEY: meta_json}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Serialise to bytes and write them ourselves (rather than save_file): the
     # file then gets normal umask permissions, and the write is atomic.
-    atomic_write_bytes(path, safetensors_save(arrays, metadata=header))
+    blob = safetensors_save(arrays, metadata=header)
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"the checkpoint's header would be {header_len} bytes; readers accept at most "
+                              f"{MAX_HEADER_BYTES}. Keep large logs (e.g. per-step history) out of the metadata")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, blob)
     return path
 
 
-def load_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Returns ``(tensors, metadata)``; the arrays are writable NumPy copies.
-
-    Raises:
-        CheckpointError: the file is missing, a directory, truncated/corrupt,
-            not safetensors, or a safetensors file not written by gpt.train.
-    """
-    path = Path(path)
+# --------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _open(path: Path):
+    """The opened checkpoint and its size; one open file for header and tensors, so a
+    checkpoint replaced meanwhile (a trainer saving) cannot mix two files' contents."""
     if not path.exists():
         raise CheckpointError(
             f"checkpoint not found: {path}. Train a model first with `python -m gpt.train` "
@@ -131,35 +135,123 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray
             f"with --checkpoint PATH."
         )
     try:
-        from safetensors import safe_open
-
-        tensors = {}
-        with safe_open(str(path), framework="np") as f:
-            header = f.metadata() or {}
-            for name in f.keys():
-                arr = f.get_tensor(name)
-                # Callers load these into parameters in place: give them owned, writable copies.
-                tensors[name] = arr if (arr.flags.writeable and arr.flags.owndata) else np.array(arr)
-    except Exception as e:  # SafetensorError, OSError, ...: never leak raw library errors
-        raise CheckpointError(
-            f"{path} is not a valid tinytensor checkpoint (truncated or not safetensors): "
-            f"{type(e).__name__}: {e}"
-        ) from e
-
-    if METADATA_KEY not in header:
-        raise CheckpointError(
-            f"{path} is a safetensors file but was not written by gpt.train "
-            f"(no {METADATA_KEY!r} metadata in its header)."
-        )
-    if header.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {header.get('format')!r}; this version reads {FORMAT!r}."
-        )
+        # O_NONBLOCK: opening a FIFO planted at the path must not hang (regular files ignore it)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     try:
-        metadata = json.loads(header[METADATA_KEY])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {e}") from e
-    return tensors, metadata
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"checkpoint {path} is not a regular file; pass a .safetensors file")
+    with os.fdopen(fd, "rb") as f:
+        yield f, info.st_size
+
+
+def _read_exactly(f, n: int, path, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise corrupt(path, f"it ended while reading {what}")
+    return data
+
+
+def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
+    """(metadata, specs, byte offset of the data section), reading only the header."""
+    if size < 8:
+        raise corrupt(path, f"it is {size} bytes long, too short to hold a header")
+    n = int.from_bytes(_read_exactly(f, 8, path, "the header length"), "little")
+    if n > MAX_HEADER_BYTES:
+        raise corrupt(path, f"its header claims {n} bytes, more than the {MAX_HEADER_BYTES} this reader accepts")
+    if n > size - 8:
+        raise corrupt(path, f"its header claims {n} bytes but only {size - 8} follow")
+    header_meta, specs = parse_header(_read_exactly(f, n, path, "the header"), size - 8 - n, path)
+    return parse_metadata(header_meta, path), specs, 8 + n
+
+
+def _read_tensor(f, spec: TensorSpec, base: int, name: str, path) -> np.ndarray:
+    arr = np.empty(spec.shape, spec.dtype)
+    f.seek(base + spec.start)
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    got = 0
+    while got < spec.nbytes:  # readinto may return less than asked; 0 means end of file
+        n = f.readinto(view[got:])
+        if not n:
+            raise corrupt(path, f"it ended inside tensor {name!r} (truncated while reading?)")
+        got += n
+    if spec.dtype.kind == "b" and arr.view(np.uint8).max(initial=0) > 1:
+        raise corrupt(path, f"bool tensor {name!r} holds bytes other than 0 and 1")
+    if not spec.dtype.isnative:
+        arr = arr.astype(spec.dtype.newbyteorder("="))
+    return arr
+
+
+def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict[str, np.ndarray]:
+    names = list(names)
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise CheckpointError(f"{path} has no tensor {', '.join(map(repr, missing[:8]))}"
+                              + (" ..." if len(missing) > 8 else ""))
+    try:
+        check_fits(sum(specs[n].nbytes for n in names), f"loading {path}", "use a machine with more memory")
+    except ResourceError as exc:
+        raise CheckpointError(str(exc)) from None
+    return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
+
+
+def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, TensorSpec]]:
+    """``(metadata, name -> TensorSpec)`` from the header alone; no tensor data is read.
+
+    >>> meta, specs = read_checkpoint_metadata("out/ckpt.safetensors")  # doctest: +SKIP
+    >>> meta["step"], specs["transformer.wte.weight"].shape  # doctest: +SKIP
+    (5000, (65, 384))
+
+    Raises CheckpointError like :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    with _open(path) as (f, size):
+        meta, specs, _ = _read_header(f, size, path)
+    return meta, specs
+
+
+def load_checkpoint(path: Union[str, os.PathLike],
+                    names: Optional[Iterable[str]] = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    >>> tensors, meta = load_checkpoint("out/ckpt.safetensors")  # doctest: +SKIP
+
+    Returns ``(tensors, metadata)``; the arrays are writable NumPy arrays. With
+    ``names``, only those tensors are read (e.g. the weights without ``optimizer.*``).
+
+    Raises:
+        CheckpointError: the file is missing, a directory, truncated/corrupt,
+            not safetensors, a safetensors file not written by gpt.train, lacks one
+            of ``names``, or its tensors would not fit in memory.
+    """
+    path = Path(path)
+    with _open(path) as (f, size):
+        meta, specs, base = _read_header(f, size, path)
+        tensors = _read_tensors(f, specs, base, specs if names is None else names, path)
+    return tensors, meta
+
+
+def weights_are_finite(weights) -> tuple[bool, Optional[str]]:
+    """``(True, None)`` if every floating-point array is finite, else ``(False, first bad name)``.
+
+    ``weights``: a dict name -> array (NumPy or CuPy), or a model (its ``state_dict()``).
+
+    >>> weights_are_finite({"w": np.ones(2), "b": np.array([0.0, np.nan])})
+    (False, 'b')
+    """
+    from tinytensor.backend import xp_of
+
+    state = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    for name, arr in state.items():
+        if getattr(arr, "dtype", np.dtype(object)).kind in "fc" and not bool(xp_of(arr).isfinite(arr).all()):
+            return False, name
+    return True, None
 
 
 # --------------------------------------------------------------------------- training state
@@ -181,12 +273,24 @@ def pack_training_state(model, optimizer, metadata: dict) -> tuple[dict, dict]:
     return tensors, {**metadata, "optimizer": {"param_groups": groups, "steps": steps}}
 
 
-def unpack_training_state(tensors: dict, metadata: dict):
-    """(model state dict, optimizer state dict or None) from a loaded checkpoint."""
+def unpack_training_state(tensors: dict, metadata: dict, path="the checkpoint"):
+    """(model state dict, optimizer state dict or None) from a loaded checkpoint.
+
+    >>> model_state, opt_state = unpack_training_state(*load_checkpoint("out/ckpt.safetensors"))  # doctest: +SKIP
+
+    Raises CheckpointError when the ``optimizer`` metadata is malformed or names
+    moments that are not among ``tensors``.
+    """
     model_state = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     opt_meta = metadata.get("optimizer")
     if opt_meta is None:
         return model_state, None
+    check_optimizer_meta(opt_meta, path)
+    names = [f"optimizer.{i}.{m}" for i in opt_meta["steps"] for m in ("exp_avg", "exp_avg_sq")]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: optimizer tensors {', '.join(missing[:8])} are missing; the file was "
+                              "not written by gpt.train or was edited; use another checkpoint")
     state = {int(i): {"step": step, "exp_avg": tensors[f"optimizer.{i}.exp_avg"],
                       "exp_avg_sq": tensors[f"optimizer.{i}.exp_avg_sq"]}
              for i, step in opt_meta["steps"].items()}
@@ -195,20 +299,28 @@ def unpack_training_state(tensors: dict, metadata: dict):
 
 
 def load_model(path, backend: str = "numpy"):
-    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``."""
-    from .model import MODELS, GPTConfig
-    from .tokenizer import tokenizer_from_json
+    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``.
 
-    tensors, meta = load_checkpoint(path)
+    >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
+
+    The header and metadata are validated first (nothing is allocated for a bad
+    file); then only the model's weights are read (never the optimizer's moments),
+    and they must all be finite.
+    """
+    from .model import MODELS
+
+    path = Path(path)
+    with _open(path) as (f, size):
+        meta, specs, base = _read_header(f, size, path)
+        model_type, config, tokenizer = validate_model_meta(meta, path, specs)
+        tensors = _read_tensors(f, specs, base, config.param_shapes(model_type), path)
+    ok, bad = weights_are_finite(tensors)
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be "
+                              "sampled from. Use ckpt_best.safetensors or an earlier checkpoint")
+    model = MODELS[model_type](config)
     try:
-        config = GPTConfig(**meta["model_config"])
-        model = MODELS[meta["model_type"]](config)
-        tokenizer = tokenizer_from_json(meta["tokenizer"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: checkpoint metadata is incomplete or invalid ({exc})") from None
-    model_state, _ = unpack_training_state(tensors, meta)
-    try:
-        model.load_state_dict(model_state)
-    except KeyError as exc:
+        model.load_state_dict(tensors)
+    except (KeyError, ValueError) as exc:  # unreachable after the checks above, but never a traceback
         raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
     return model.to(backend), tokenizer, meta

@@ -1,6 +1,9 @@
 """Training configuration: one dataclass, named presets, validated overrides.
 
->>> cfg = from_args(["--preset", "tiny", "--max-iters", "10"])
+Each field declares its own help text and, where it has them, its choices
+(taken from the registries that own them) and what a resumed run does with it.
+
+>>> cfg, _ = from_args(["--preset", "tiny", "--max-iters", "10"])
 >>> cfg.max_iters, cfg.n_layer
 (10, 2)
 """
@@ -8,79 +11,145 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union, get_args, get_origin, get_type_hints
+
+from tinytensor.backend import BACKENDS
+
+from .model import MODELS, GPTConfig
+from .tokenizer import MAX_VOCAB, TOKENIZERS
+
+# What `--resume` does with a field (the `resume` entry of its metadata):
+#   "keep"   the run's identity (model shape, data, seed): the checkpoint's value; a different one is an error
+#   "free"   the checkpoint's value unless the command line sets it (e.g. --max-iters to train longer)
+#   "local"  never read from a checkpoint: paths and per-invocation switches come from this command line only
+#            (a checkpoint is untrusted input: it must not choose which files we read or write)
+
+
+def _opt(default, help, resume="free", choices=None, metavar=None):
+    return field(default=default, metadata={"help": help, "resume": resume, "choices": choices, "metavar": metavar})
 
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shakespeare_char"
-    input: Optional[str] = None  # a text file to train on instead of the download
-    tokenizer: str = "char"  # char | bpe
-    vocab_size: Optional[int] = None  # bpe only (default 512)
-    # model
-    model: str = "gpt"  # gpt | bigram
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = True
+    dataset: str = _opt("shakespeare_char", "dataset to download and prepare when --input is not given",
+                        resume="keep", choices=("shakespeare_char",))
+    input: Optional[str] = _opt(None, "a UTF-8 text file to train on instead of Tiny Shakespeare", resume="local",
+                                metavar="PATH")
+    data_dir: Optional[str] = _opt(None, "where prepared datasets are cached (default: $GPT_DATA_DIR, else data/ "
+                                         "in a clone, else a per-user cache folder)", resume="local",
+                                   metavar="DIR")
+    tokenizer: str = _opt("char", "char: one token per character; bpe: byte-level BPE trained on the text",
+                          resume="keep", choices=TOKENIZERS)
+    vocab_size: Optional[int] = _opt(None, "BPE vocabulary size, 256..65536 (default 512; char ignores it)",
+                                     resume="keep")
+    # model (the fields shared with GPTConfig: see MODEL_FIELDS)
+    model: str = _opt("gpt", "gpt, or the bigram baseline", resume="keep", choices=tuple(MODELS))
+    n_layer: int = _opt(4, "transformer blocks", resume="keep")
+    n_head: int = _opt(4, "attention heads (must divide --n-embd)", resume="keep")
+    n_embd: int = _opt(128, "embedding width", resume="keep")
+    block_size: int = _opt(64, "context length in tokens", resume="keep")
+    dropout: float = _opt(0.0, "dropout probability in [0, 1)", resume="keep")
+    bias: bool = _opt(True, "biases in Linear layers and LayerNorms", resume="keep")
     # optimisation
-    batch_size: int = 12
-    grad_accum: int = 1  # micro-batches per step: the same as a grad_accum times larger batch
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: Optional[int] = None  # default: max_iters
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
+    batch_size: int = _opt(12, "sequences per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per step: the same as a grad_accum times larger batch")
+    max_iters: int = _opt(2000, "optimizer steps in all (raise it on --resume to train longer)")
+    learning_rate: float = _opt(1e-3, "peak learning rate")
+    min_lr: float = _opt(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = _opt(100, "steps of linear warmup")
+    lr_decay_iters: Optional[int] = _opt(None, "step where the cosine reaches --min-lr (default: --max-iters)")
+    decay_lr: bool = _opt(True, "warmup + cosine decay; false keeps --learning-rate constant")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices")
+    beta1: float = _opt(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = _opt(0.99, "AdamW beta2, in [0, 1)")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 disables clipping)")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    sample_tokens: int = 200  # length of the sample printed at each eval (0: none)
-    save_checkpoints: bool = True
+    eval_interval: int = _opt(250, "evaluate, sample and save every this many steps")
+    eval_iters: int = _opt(20, "batches per split in each evaluation")
+    log_interval: int = _opt(10, "steps between log lines when stderr is not a terminal")
+    sample_tokens: int = _opt(200, "length of the sample printed at each evaluation (0: none)")
+    save_checkpoints: bool = _opt(True, "write ckpt.safetensors and ckpt_best.safetensors at evaluations")
     # run
-    seed: int = 1337
-    backend: str = "numpy"
-    out_dir: str = "out"
-    resume: bool = False
-    progress: bool = True  # the tqdm bar
+    seed: int = _opt(1337, "seed of the initialisation, the batches and dropout (0 .. 2**32-1)", resume="keep")
+    backend: str = _opt("numpy", "array library: numpy (CPU) or cupy (NVIDIA GPU)", choices=BACKENDS)
+    out_dir: str = _opt("out", "folder for checkpoints, metrics.jsonl and loss.png", resume="local",
+                        metavar="DIR")
+    resume: bool = _opt(False, "continue the run whose checkpoint is in --out-dir", resume="local")
+    overwrite: bool = _opt(False, "start a new run in an --out-dir that holds another run's checkpoints, "
+                                  "deleting them", resume="local")
+    progress: bool = _opt(True, "a progress bar on a terminal (plain log lines otherwise)", resume="local")
 
     def validate(self):
         """Raise ValueError with one clear message for the first bad value."""
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
-                    "eval_iters")
-        non_negative = ("max_iters", "warmup_iters", "sample_tokens", "learning_rate", "min_lr", "weight_decay",
-                        "grad_clip")
-        for name in positive:
+        for f in fields(self):  # types first: a checkpoint's config goes through here too
+            value, kind = getattr(self, f.name), _HINTS[f.name]
+            if value is None and get_origin(kind) is Union:
+                continue
+            kind = _inner(kind)
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  if kind is float else isinstance(value, str))
+            if not ok:
+                what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+                raise ValueError(f"{_flag(f.name)} must be {what}, got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
+                     "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "sample_tokens", "learning_rate", "min_lr", "weight_decay",
+                     "grad_clip", "lr_decay_iters"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+        # hard upper bounds: far beyond anything this engine can train, small enough that the
+        # memory estimate below (and every size computed from them) stays exact
+        for name, limit in _LIMITS.items():
+            if (getattr(self, name) or 0) > limit:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)} is too large (at most {limit:,})")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"--beta1/--beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.lr_decay_iters is not None and self.lr_decay_iters < 0:
-            raise ValueError(f"--lr-decay-iters must not be negative, got {self.lr_decay_iters}")
-        if self.tokenizer not in ("char", "bpe"):
-            raise ValueError(f"--tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
-        if self.model not in ("gpt", "bigram"):
-            raise ValueError(f"--model must be 'gpt' or 'bigram', got {self.model!r}")
-        if self.backend not in ("numpy", "cupy"):
-            raise ValueError(f"--backend must be 'numpy' or 'cupy', got {self.backend!r}")
-        if self.vocab_size is not None and not 256 <= self.vocab_size <= 65536:
-            raise ValueError(f"--vocab-size must be in [256, 65536] for byte-level BPE, got {self.vocab_size}")
+        if self.vocab_size is not None and not 256 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"--vocab-size must be in [256, {MAX_VOCAB}] for byte-level BPE, got {self.vocab_size}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it: choose one")
         return self
+
+
+# The model fields are the ones TrainConfig shares with GPTConfig (vocab_size comes from the data).
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+_LIMITS = {"n_layer": 1024, "n_head": 4096, "n_embd": 65536, "block_size": 1 << 20, "batch_size": 1 << 20,
+           "grad_accum": 1 << 16, "max_iters": 10**12, "eval_iters": 1 << 20, "sample_tokens": 1 << 20,
+           "warmup_iters": 10**12, "lr_decay_iters": 10**12, "eval_interval": 10**12, "log_interval": 10**12}
+_HINTS = get_type_hints(TrainConfig)
+_METAVARS = {int: "N", float: "X", bool: "BOOL", str: "TEXT"}
+
+
+def _inner(tp):
+    """X for Optional[X], else tp."""
+    if get_origin(tp) is Union:
+        return [a for a in get_args(tp) if a is not type(None)][0]
+    return tp
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def fields_resumed_as(kind):
+    """Names of the fields whose `resume` metadata is ``kind`` ("keep", "free" or "local")."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["resume"] == kind)
 
 
 # nanoGPT's configs (config/train_shakespeare_char.py and its README's CPU command); like
@@ -110,46 +179,67 @@ def _parse_bool(text):
 
 def _converter(tp):
     if get_origin(tp) is Union:  # Optional[X]
-        inner = [a for a in get_args(tp) if a is not type(None)][0]
-        conv = _converter(inner)
+        conv = _converter(_inner(tp))
         return lambda s: None if s.lower() == "none" else conv(s)
     if tp is bool:
         return _parse_bool
     if tp in (int, float):
-        what = "an integer" if tp is int else "a number"
+        what = "an integer" if tp is int else "a finite number"
 
         def to_number(s):
             try:
-                return tp(s)
+                value = tp(s)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+            if not math.isfinite(value):
+                raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+            return value
         return to_number
     return str
 
 
-def build_parser(prog="python -m gpt.train", description=None) -> argparse.ArgumentParser:
-    """One --key option per config field, spelled with dashes (underscores work too)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     usage=f"{prog} [--preset NAME] [--key value ...]  (--help lists every key)")
+def build_parser(prog="python -m gpt.train", description=None, preset="shakespeare_char_cpu"):
+    """One --key option per config field, spelled with dashes (underscores work too).
+
+    The help shows ``preset``'s values as the defaults.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, allow_abbrev=False,
+        usage=f"{prog} [--preset NAME] [--key value ...]  (--help lists every key)",
+        epilog="Values shown are the defaults of the chosen preset (--preset NAME --help shows another's). "
+               "Booleans take true/false; a bare --resume (or --overwrite, ...) means true.")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named configuration (default: shakespeare_char_cpu on numpy, shakespeare_char on cupy)")
-    hints = get_type_hints(TrainConfig)
+                        help=f"named configuration (default: {DEFAULT_PRESET['numpy']} on numpy, "
+                             f"{DEFAULT_PRESET['cupy']} on cupy; showing: {preset})")
+    defaults = dataclasses.replace(TrainConfig(), **PRESETS[preset])
     for f in fields(TrainConfig):
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        kwargs = dict(dest=f.name, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
-                      metavar=f.name.upper(), help=f"default: {f.default}")
-        if hints[f.name] is bool:  # `--resume` alone means true
+        kind, choices, default = _HINTS[f.name], f.metadata["choices"], getattr(defaults, f.name)
+        help_text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        kwargs = dict(dest=f.name, type=_converter(kind), default=argparse.SUPPRESS,
+                      metavar="{" + ",".join(choices) + "}" if choices
+                      else f.metadata["metavar"] or _METAVARS.get(_inner(kind)))
+        if kind is bool:  # `--resume` alone means true
             kwargs.update(nargs="?", const=True)
-        parser.add_argument(*names, **kwargs)
+        parser.add_argument(_flag(f.name), help=help_text, **kwargs)
+        if "_" in f.name:  # nanoGPT's spelling works too, without doubling the help
+            parser.add_argument(f"--{f.name}", help=argparse.SUPPRESS, **kwargs)
     return parser
 
 
-def from_args(argv=None, parser=None) -> TrainConfig:
+def from_args(argv=None, description=None):
     """Defaults, then the preset, then the command line's overrides, validated.
 
-    Errors exit with code 2 and one message (argparse's convention).
+    Returns ``(config, overrides)``: ``overrides`` names the fields the command line
+    set (a resumed run keeps the checkpoint's values for the others). Errors exit
+    with code 2 and one message (argparse's convention).
     """
-    parser = parser or build_parser()
+    # the preset (and the backend that picks the default one) first, so --help shows its values
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--backend")
+    known, _ = pre.parse_known_args(argv)
+    shown = known.preset if known.preset in PRESETS else DEFAULT_PRESET.get(known.backend, DEFAULT_PRESET["numpy"])
+    parser = build_parser(description=description, preset=shown)
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset", None) or DEFAULT_PRESET[args.get("backend", "numpy")]
     cfg = dataclasses.replace(TrainConfig(), **PRESETS[preset])
@@ -158,6 +248,12 @@ def from_args(argv=None, parser=None) -> TrainConfig:
         cfg.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    cfg.overrides = sorted(args)  # which fields the user set explicitly (matters on --resume)
-    cfg.preset = preset
-    return cfg
+    return cfg, frozenset(args)
+
+
+def config_from_dict(saved: dict) -> dict:
+    """The known fields of a checkpoint's ``train_config`` (untrusted: validate the result)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"train_config must be a JSON object, got {type(saved).__name__}")
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in names}

@@ -45,13 +45,16 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from gpt.atomic import atomic_write_bytes
+from gpt.atomic import atomic_write_bytes, remove_stale_temps
 from gpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_json
 
 __all__ = [
     "SHAKESPEARE_URL",
     "SHAKESPEARE_SHA256",
     "DEFAULT_DATA_DIR",
+    "DATA_DIR_ENV",
+    "resolve_data_dir",
+    "find_prepared",
     "DEFAULT_BPE_VOCAB_SIZE",
     "MIN_VAL_TOKENS",
     "TRAIN_FRACTION",
@@ -67,8 +70,30 @@ SHAKESPEARE_URL = (
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
-#: The repository's ``data/`` folder; every function takes ``data_dir=None`` meaning this.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: Environment variable naming the data directory (``--data-dir`` wins over it).
+DATA_DIR_ENV = "GPT_DATA_DIR"
+
+
+def _default_data_dir() -> Path:
+    """``data/`` inside a clone of the repository; a per-user cache folder for an installed
+    package (never site-packages: it may be read-only, and uninstalling would leave files)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "data" / "README.md").is_file() and (root / "setup.cfg").is_file():
+        return root / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "tinytensor-gpt"
+
+
+#: Where prepared datasets go when neither ``data_dir`` nor $GPT_DATA_DIR says otherwise.
+DEFAULT_DATA_DIR = _default_data_dir()
+
+
+def resolve_data_dir(data_dir: Union[str, os.PathLike, None] = None) -> Path:
+    """The data directory: ``data_dir`` if given, else $GPT_DATA_DIR, else DEFAULT_DATA_DIR."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else DEFAULT_DATA_DIR
 
 DEFAULT_BPE_VOCAB_SIZE = 512
 TRAIN_FRACTION = 0.9
@@ -177,6 +202,7 @@ def _shakespeare_source(data_dir: Path, log: Callable[[str], None]) -> Path:
             f"--input PATH pointing at a local copy, or put the file at {dest}."
         )
     dest_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest_dir)
     atomic_write_bytes(dest, data)
     log(f"saved {len(data):,} bytes to {dest}")
     return dest
@@ -249,7 +275,7 @@ def prepare(
         tokenizer: ``"char"`` or ``"bpe"``.
         vocab_size: BPE vocabulary size (default 512); a char vocabulary is
             whatever characters the text contains, so it is ignored for char.
-        data_dir: where prepared datasets live (default: the repo's ``data/``).
+        data_dir: where prepared datasets live (default: :func:`resolve_data_dir`).
         log: called with progress messages (default: print to stderr); None = silent.
         progress: show a progress bar while training BPE.
 
@@ -257,7 +283,7 @@ def prepare(
         DataError: with what was wrong and what to do about it.
     """
     log = log or (lambda msg: None)
-    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    data_dir = resolve_data_dir(data_dir)
 
     if tokenizer not in ("char", "bpe"):
         raise DataError(f"unknown tokenizer {tokenizer!r}: choose 'char' or 'bpe' (--tokenizer).")
@@ -317,8 +343,9 @@ def prepare(
     if cached is not None:
         return _reused(cached, log)
 
-    # 4. Prepare from scratch.
+    # 4. Prepare from scratch (first removing what killed preparations left behind).
     ds_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(ds_dir)
     meta_path = ds_dir / "meta.json"
     if meta_path.exists():
         # Remove the old completion marker first: if we crash while overwriting
@@ -382,6 +409,28 @@ def prepare(
     train = np.memmap(ds_dir / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(ds_dir / "val.bin", dtype=np.uint16, mode="r")
     return Dataset(name=name, dir=ds_dir, tokenizer=tok, train=train, val=val, meta=meta)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+
+
+def find_prepared(name: str, source_sha256: str, tokenizer: str, vocab_size: Optional[int],
+                  data_dir: Union[str, os.PathLike, None] = None) -> Optional[Dataset]:
+    """The prepared dataset ``name`` in the data directory if it was made from the text with
+    this sha256 by this tokenizer, else None. For resuming a run: the name comes from a
+    checkpoint (untrusted), so it must be a plain folder name, never a path.
+
+    >>> find_prepared("../../etc", "0" * 64, "char", None) is None
+    True
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        return None
+    if not isinstance(source_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
+        return None
+    if tokenizer == "bpe" and vocab_size is None:
+        vocab_size = DEFAULT_BPE_VOCAB_SIZE
+    data_dir = resolve_data_dir(data_dir)
+    return _load_prepared(data_dir / name, name, source_sha256, tokenizer, vocab_size)
 
 
 def get_batch(data, batch_size: int, block_size: int, rng: np.random.Generator):

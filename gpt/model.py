@@ -13,6 +13,7 @@ Reads top-down: config, attention, MLP, block, the model, then a bigram baseline
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,8 +26,21 @@ from tinytensor.attention import attention_weights_t
 from .sampling import generate_tokens
 
 
+# Hard upper limits, far above any model this engine can train (GPT-2 XL: vocab 50257,
+# block 1024, 48 layers, 25 heads, n_embd 1600). A config read from a checkpoint or a
+# command line is refused above them before anything is allocated.
+SIZE_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 20, "n_layer": 1024, "n_head": 1 << 16, "n_embd": 1 << 16}
+
+
 @dataclass
 class GPTConfig:
+    """The model's shape. Validated on construction, so a bad value from a checkpoint
+    or a command line fails here, with its name, before any weight is allocated.
+
+    >>> GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32).num_parameters()
+    35744
+    """
+
     vocab_size: int = 65
     block_size: int = 256
     n_layer: int = 6
@@ -36,16 +50,57 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            # bool is an int subclass and 1.5 would truncate: both are mistakes, not sizes
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                    or not 1 <= value <= limit:
+                raise ValueError(f"{name} must be an integer in [1, {limit}], got {value!r}")
+            setattr(self, name, int(value))  # np.int64 -> int keeps to_dict() JSON-serialisable
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.dropout, (bool, np.bool_)) or not isinstance(self.dropout, numbers.Real) \
+                or not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise ValueError(f"bias must be true or false, got {self.bias!r}")
+        self.bias = bool(self.bias)
 
     def to_dict(self):
         return asdict(self)
+
+    def param_shapes(self, model_type: str = "gpt") -> dict[str, tuple[int, ...]]:
+        """name -> shape of every weight of ``MODELS[model_type](self)``, in state-dict
+        order, computed without allocating anything (to check a checkpoint first).
+
+        >>> GPTConfig(vocab_size=5).param_shapes("bigram")
+        {'token_embedding.weight': (5, 5)}
+        """
+        V, T, C = self.vocab_size, self.block_size, self.n_embd
+        if model_type == "bigram":
+            return {"token_embedding.weight": (V, V)}
+        if model_type != "gpt":
+            raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODELS)}")
+
+        def linear(name, n_in, n_out):  # nn.Linear: weight (out, in), then bias
+            return {f"{name}.weight": (n_out, n_in), **({f"{name}.bias": (n_out,)} if self.bias else {})}
+
+        def layer_norm(name):
+            return {f"{name}.weight": (C,), **({f"{name}.bias": (C,)} if self.bias else {})}
+
+        shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+        for i in range(self.n_layer):
+            h = f"transformer.h.{i}"
+            shapes.update({**layer_norm(f"{h}.ln_1"), **linear(f"{h}.attn.c_attn", C, 3 * C),
+                           **linear(f"{h}.attn.c_proj", C, C), **layer_norm(f"{h}.ln_2"),
+                           **linear(f"{h}.mlp.c_fc", C, 4 * C), **linear(f"{h}.mlp.c_proj", 4 * C, C)})
+        shapes.update(layer_norm("transformer.ln_f"))  # no lm_head: it is tied to wte
+        return shapes
+
+    def num_parameters(self, model_type: str = "gpt") -> int:
+        """Exact parameter count of ``MODELS[model_type](self)``, without building it."""
+        return sum(math.prod(shape) for shape in self.param_shapes(model_type).values())
 
 
 class KVCache:

@@ -1,13 +1,21 @@
 """Sample text from a trained checkpoint: ``python -m gpt.sample [--prompt TEXT] ...``.
 
 Only the generated text goes to stdout, streamed as it is made (pipe it
-anywhere); notes and errors go to stderr.
+anywhere, ``| head`` included); notes and errors go to stderr. Exit codes: 0 done
+(or the reader of stdout stopped reading), 1 error, 2 bad option, 130 Ctrl-C/SIGTERM.
 
 >>> main(["--checkpoint", "out/ckpt.safetensors", "--prompt", "ROMEO:", "--seed", "1"])  # doctest: +SKIP
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C while NumPy loads exits cleanly
+    from gpt.signals import exit_quietly_on_signals
+    exit_quietly_on_signals()
+
 import argparse
+import math
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -15,76 +23,188 @@ from pathlib import Path
 import numpy as np
 
 import tinytensor as tt
+from tinytensor.backend import BACKENDS
 
 from .checkpoint import CheckpointError, load_model
 from .sampling import check_sampling_args
+from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
+
+MAX_NEW_TOKENS = 1_000_000
+MAX_NUM_SAMPLES = 1000
+MAX_PROMPT_BYTES = 16 << 20  # longer prompts are cut to block_size tokens anyway
+SEPARATOR = "---------------\n"
+
+
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], else a message with the range and the value."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+    return parse
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m gpt.sample", description=__doc__.splitlines()[0],
-                                allow_abbrev=False)
-    p.add_argument("--checkpoint", default="out/ckpt.safetensors", help="default: %(default)s")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p = argparse.ArgumentParser(
+        prog="python -m gpt.sample", allow_abbrev=False,
+        description="Sample text from a checkpoint written by gpt.train. The text goes to stdout as it is "
+                    "made; notes and errors go to stderr.",
+        epilog="exit codes: 0 done (also when the reader of stdout stops early), 1 error, 2 bad option, "
+               "130 interrupted (Ctrl-C or SIGTERM)")
+    p.add_argument("--checkpoint", default="out/ckpt.safetensors", metavar="PATH",
+                   help="checkpoint written by gpt.train (default: %(default)s)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS,
+                   help="array library: %(choices)s (default: %(default)s)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    src.add_argument("--prompt-file", "--prompt_file", dest="prompt_file", help="read the prompt from a file")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=200)
-    p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
+    src.add_argument("--prompt", default="\n", metavar="TEXT", help="text to continue (default: a newline)")
+    src.add_argument("--prompt-file", "--prompt_file", dest="prompt_file", metavar="PATH",
+                     help="read the prompt from a UTF-8 text file (default: use --prompt)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", metavar="N",
+                   type=_int_in(0, MAX_NEW_TOKENS), default=500,
+                   help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: %(default)s)")
+    p.add_argument("--temperature", type=_finite_float, default=0.8, metavar="X",
+                   help="divide the logits by X; 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=_int_in(1, 2**31 - 1), default=200, metavar="K",
+                   help="sample among the K most likely tokens only, K >= 1 (default: %(default)s)")
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=_finite_float, default=None, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P, 0 < P <= 1 "
+                        "(default: off)")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=1337, metavar="N",
+                   help="random seed in [0, 2**32); sample i uses seed + i (default: %(default)s)")
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=_int_in(1, MAX_NUM_SAMPLES),
+                   default=1, metavar="N", help=f"samples to draw, 1..{MAX_NUM_SAMPLES} (default: %(default)s)")
     p.add_argument("--no-kv-cache", "--no_kv_cache", dest="kv_cache", action="store_false",
                    help="recompute the whole context for every token (slower; for comparison)")
     return p
 
 
+def _note(msg: str) -> None:
+    """One line on stderr; a closed or broken stderr must not turn a result into a traceback."""
+    try:
+        if sys.stderr is not None:
+            print(msg, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def read_prompt_file(name: str) -> str:
+    """The text of a prompt file; ValueError with the reason for anything but a UTF-8 text file."""
+    path = Path(name)
+    try:
+        # O_NONBLOCK: a FIFO must not hang the open (regular files ignore the flag)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompt-file {path} is a directory; pass a text file") from None
+    except OSError as exc:
+        raise ValueError(f"--prompt-file {path} cannot be read: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode  # (Linux opens a directory read-only without complaint)
+        if stat.S_ISDIR(mode):
+            raise ValueError(f"--prompt-file {path} is a directory; pass a text file")
+        if not stat.S_ISREG(mode):  # /dev/zero would be read forever
+            raise ValueError(f"--prompt-file {path} is not a regular file; pass a text file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ValueError(f"--prompt-file {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB; only the last "
+                         "block_size tokens are used, so pass a shorter file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
+
+
+def _finish_output(out) -> None:
+    """Flush ``out``; if that fails (a reader that went away), point its file descriptor at
+    /dev/null so the interpreter's own flush at exit cannot print 'Exception ignored'."""
+    try:
+        out.flush()
+        return
+    except (OSError, ValueError):
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (e.g. a StringIO in tests): nothing will flush it at exit
+
+
+def generate(args, out) -> None:
+    """Load the checkpoint and write ``args.num_samples`` samples to ``out``."""
+    prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
+    model, tokenizer, meta = load_model(args.checkpoint, args.backend)
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one character with --prompt")
+    block = model.config.block_size
+    if len(ids) > block:
+        _note(f"note: the prompt has {len(ids)} tokens; only its last {block} (block_size) are used")
+        ids = ids[-block:]
+    _note(f"loaded {args.checkpoint} (step {meta.get('step')}, {args.backend})")
+    for i in range(args.num_samples):
+        decoder = tokenizer.stream_decoder()
+        out.write(prompt)
+        t0, n = time.perf_counter(), 0
+        for token in model.generate_stream(np.array([ids]), args.max_new_tokens, args.temperature,
+                                           args.top_k, args.top_p, args.kv_cache, args.seed + i):
+            out.write(decoder.feed(int(token[0])))
+            out.flush()  # stream: a reader sees each token as it is made
+            n += 1
+        out.write(decoder.flush() + "\n")
+        if i + 1 < args.num_samples:
+            out.write(SEPARATOR)
+        out.flush()
+        dt = time.perf_counter() - t0
+        _note(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s]")
+
+
 def main(argv=None, out=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    out = out or sys.stdout
+    args = parser.parse_args(argv)  # a bad option exits with code 2 and argparse's message
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        prompt = args.prompt
-        if args.prompt_file:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        model, tokenizer, meta = load_model(args.checkpoint, args.backend)
-        ids = tokenizer.encode(prompt) if prompt else []
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one character with --prompt")
-        block = model.config.block_size
-        if len(ids) > block:
-            print(f"note: the prompt has {len(ids)} tokens; only its last {block} (block_size) are used",
-                  file=sys.stderr)
-            ids = ids[-block:]
-        print(f"loaded {args.checkpoint} (step {meta.get('step')}, {args.backend})", file=sys.stderr)
-        for i in range(args.num_samples):
-            decoder = tokenizer.stream_decoder()
-            out.write(prompt)
-            t0, n = time.perf_counter(), 0
-            for token in model.generate_stream(np.array([ids]), args.max_new_tokens, args.temperature,
-                                               args.top_k, args.top_p, args.kv_cache, args.seed + i):
-                out.write(decoder.feed(int(token[0])))
-                out.flush()
-                n += 1
-            out.write(decoder.flush() + "\n")
-            if i + 1 < args.num_samples:
-                out.write("---------------\n")
-            out.flush()
-            dt = time.perf_counter() - t0
-            print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
-    except (CheckpointError, TokenizerError, tt.BackendError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out = out if out is not None else sys.stdout
+    if out is None:  # Python sets sys.stdout to None when started with file descriptor 1 closed
+        _note("error: stdout is closed; run with stdout open, e.g. `python -m gpt.sample > sample.txt`")
         return 1
+    try:
+        with StopRequest().installed():  # SIGTERM, like Ctrl-C, raises KeyboardInterrupt at once
+            generate(args, out)
+    except BrokenPipeError:  # the reader of stdout stopped reading (e.g. `| head`): a normal end
+        _finish_output(out)
+        return 0
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        _finish_output(out)
+        _note("interrupted")
+        return EXIT_INTERRUPTED
+    except (CheckpointError, TokenizerError, tt.BackendError, OSError, ValueError, MemoryError) as exc:
+        _finish_output(out)
+        _note(f"error: {exc}" if str(exc) else f"error: {type(exc).__name__}")
+        return 1
+    _finish_output(out)
     return 0
 
 

@@ -5,20 +5,36 @@ same seed gives the same text on either backend.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 import tinytensor as tt
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 def check_sampling_args(temperature, top_k, top_p, max_new_tokens=0):
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and int(top_k) < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    """Raise ValueError naming the first bad argument (NaN and infinities included: a NaN
+    temperature would otherwise sample garbage silently).
+
+    >>> check_sampling_args(0.8, 200, None, 100)  # fine: returns None
+    """
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 (None: no limit), got {top_k!r}")
+    if top_p is not None and not (_is_number(top_p) and math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (None: no limit), got {top_p!r}")
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
 def sample_next(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:

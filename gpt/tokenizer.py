@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
+__all__ = ["TOKENIZERS", "TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
            "tokenizer_from_json", "SPLIT_PATTERN"]
 
 FORMAT_VERSION = 1
+TOKENIZERS = ("char", "bpe")  # the names gpt.train's --tokenizer accepts
 MAX_VOCAB = 65536  # ids must fit in uint16 for compact token files
 
 # GPT-2-like pre-tokenization without the third-party `regex` module. Merges never

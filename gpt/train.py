@@ -3,17 +3,18 @@
 >>> main(["--preset", "tiny", "--max-iters", "20", "--out-dir", "/tmp/tiny"])  # doctest: +SKIP
 
 Writes to ``--out-dir``: ``ckpt.safetensors`` (last), ``ckpt_best.safetensors``
-(best val loss), ``metrics.jsonl`` and ``loss.png``. Ctrl-C saves and exits.
+(best val loss), ``metrics.jsonl`` and ``loss.png``. Ctrl-C or SIGTERM saves and exits.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C while NumPy loads exits cleanly
+    from gpt.signals import exit_quietly_on_signals
+    exit_quietly_on_signals()
+
 import dataclasses
-import json
 import math
-import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -21,96 +22,170 @@ import tinytensor as tt
 from tinytensor.optim import warmup_cosine_lr
 
 from . import config as C
-from .checkpoint import CheckpointError, load_checkpoint, pack_training_state, save_checkpoint, unpack_training_state
-from .data import DataError, get_batch, prepare
+from .checkpoint import (CheckpointError, load_checkpoint, pack_training_state, read_checkpoint_metadata,
+                         save_checkpoint, unpack_training_state, validate_model_meta, validate_training_meta)
+from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
+from .resources import ResourceError, check_fits
+from .rundir import RunDir, RunDirError
+from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-EXIT_INTERRUPTED = 130
+EXIT_USAGE = 2
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says where."""
 
 
-class Trainer:
-    def __init__(self, cfg: C.TrainConfig, log=print):
-        self.cfg, self.log = cfg, log
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_path = self.out_dir / "ckpt.safetensors"
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.step, self.best_val = 0, math.inf
-        self.history = {"step": [], "loss": [], "eval_step": [], "train_loss": [], "val_loss": []}
-        self._stop = False
+class UsageError(ValueError):
+    """The options (or a checkpoint's settings with them) cannot make a run: exit 2."""
 
-        checkpoint = self._load_resume_checkpoint() if cfg.resume else None
-        cfg = self.cfg  # on --resume: the checkpoint's settings plus the command line's overrides
+
+# -- configuration: the command line, and on --resume the checkpoint ----------------------------------------
+def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
+    """On --resume the run's settings come from its checkpoint; the command line changes only
+    what it sets (e.g. --max-iters), never the model or the data. Paths and switches are never
+    taken from the checkpoint (untrusted: it must not choose which files are read or written).
+    Returns (config, checkpoint metadata), reading only the checkpoint's header."""
+    if not run.ckpt.is_file():
+        raise CheckpointError(f"checkpoint not found: {run.ckpt}; nothing to --resume. Start a new run "
+                              f"without --resume, or pass the --out-dir of the run to continue")
+    meta, specs = read_checkpoint_metadata(run.ckpt)
+    validate_model_meta(meta, run.ckpt, specs)
+    validate_training_meta(meta, run.ckpt)
+    try:
+        saved = C.config_from_dict(meta["train_config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{run.ckpt}: {exc}") from None
+    for name in sorted(set(overrides) & set(C.fields_resumed_as("keep"))):
+        if saved.get(name) != getattr(cfg, name):
+            raise UsageError(f"{C._flag(name)} {getattr(cfg, name)} differs from the checkpoint's "
+                             f"{saved.get(name)}; a resumed run keeps its model, data and seed")
+    local = set(C.fields_resumed_as("local"))
+    merged = {k: v for k, v in saved.items() if k not in local}
+    merged.update({k: getattr(cfg, k) for k in local | set(overrides)})
+    try:
+        resumed = C.TrainConfig(**merged).validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{run.ckpt}: its training settings are invalid ({exc})") from None
+    return resumed, meta
+
+
+def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
+    """A floor on the memory one training step needs: weights, gradients and two AdamW moments,
+    plus the activations backward keeps for one micro-batch (float32). Checked before anything
+    is allocated, so an impossible size fails in a second with a message, not in an allocator."""
+    params = model_config.num_parameters() if cfg.model == "gpt" else model_config.vocab_size ** 2
+    tokens, C_, L = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.n_layer
+    if cfg.model == "gpt":
+        # per layer ~16 widths per token (norms, qkv, attention out, MLP 4C twice, residuals)
+        # and the attention weights, (B, H, T, T), kept for backward
+        acts = L * (16 * tokens * C_ + cfg.batch_size * cfg.n_head * cfg.block_size ** 2)
+    else:
+        acts = 0
+    acts += 3 * tokens * model_config.vocab_size  # logits, probabilities, their gradient
+    return 4 * (4 * params + acts)
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds the data, model and optimizer from a resolved config (restoring a checkpoint's
+    state when ``checkpoint_meta`` is given) and runs the loop. Messages go to stderr."""
+
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, checkpoint_meta=None):
+        self.cfg, self.run_dir, self.progress = cfg, run, None
+        self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         tt.manual_seed(cfg.seed)
-        self.data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, log=self._log_err)
-        self.chars_per_token = self.data.meta.get("n_chars", 1) / max(1, self.data.meta.get("n_train", 1)
-                                                                       + self.data.meta.get("n_val", 0))
+        self.data = self._dataset(checkpoint_meta)
+        meta = self.data.meta
+        self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
         self.model_config = GPTConfig(vocab_size=self.data.vocab_size,
-                                      **{f: getattr(cfg, f) for f in MODEL_FIELDS})
+                                      **{f: getattr(cfg, f) for f in C.MODEL_FIELDS})
+        if cfg.backend == "numpy":  # (CuPy's limit is the GPU's memory, which only CuPy can tell)
+            check_fits(training_bytes(self.model_config, cfg), "this configuration",
+                       "lower --batch-size, --block-size, --n-embd or --n-layer")
         self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          (cfg.beta1, cfg.beta2))
         self.batch_rng = np.random.default_rng(cfg.seed)
-        if checkpoint is not None:
-            self._restore(*checkpoint)
+        if checkpoint_meta is not None:
+            self._restore(checkpoint_meta)
 
-    # -- checkpoints ------------------------------------------------------------------
-    def _load_resume_checkpoint(self):
-        """On --resume the run's settings come from the checkpoint; only options given
-        on the command line (e.g. --max-iters) change it. The model shape cannot."""
-        tensors, meta = load_checkpoint(self.ckpt_path)
-        saved = meta["train_config"]
-        for name in getattr(self.cfg, "overrides", []):
-            if name in MODEL_FIELDS + ("model", "dataset", "input", "tokenizer", "vocab_size", "seed") \
-                    and saved.get(name) != getattr(self.cfg, name):
-                raise TrainingError(f"--{name.replace('_', '-')} {getattr(self.cfg, name)} differs from the "
-                                    f"checkpoint's {saved.get(name)}; a resumed run keeps its model and data")
-        explicit = {n: getattr(self.cfg, n) for n in getattr(self.cfg, "overrides", [])}
-        explicit["out_dir"] = self.cfg.out_dir  # where the checkpoint was found (the run may have moved)
-        known = {f.name for f in dataclasses.fields(C.TrainConfig)}
-        merged = {k: v for k, v in saved.items() if k in known}
-        merged.update(explicit)  # the command line wins (a key in both must not be passed twice)
-        self.cfg = dataclasses.replace(C.TrainConfig(), **merged).validate()
-        self.out_dir = Path(self.cfg.out_dir)
-        return tensors, meta
+    def _dataset(self, meta):
+        cfg, data = self.cfg, None
+        info = (meta or {}).get("data")
+        info = info if isinstance(info, dict) else {}  # absent in older checkpoints
+        if meta is not None and cfg.input is None:
+            # a resumed run: the prepared copy in the data directory, found by name and hash
+            data = find_prepared(info.get("name"), info.get("source_sha256"), cfg.tokenizer, cfg.vocab_size,
+                                 cfg.data_dir)
+            if data is not None:
+                self.log(f"using prepared dataset at {data.dir}")
+            elif info.get("source_sha256", SHAKESPEARE_SHA256) != SHAKESPEARE_SHA256:
+                raise DataError(f"the prepared dataset {str(info.get('name'))[:80]!r} of this run is not in "
+                                f"{resolve_data_dir(cfg.data_dir)}; pass --input PATH (the text the run trained "
+                                "on) or the --data-dir it used")
+        if data is None:  # Tiny Shakespeare is prepared again (downloaded if need be), any other text from --input
+            data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
+                           log=self.log)
+        if info.get("source_sha256", data.meta["source_sha256"]) != data.meta["source_sha256"]:
+            raise UsageError("--input is not the text this run trained on (its sha256 differs); "
+                             "a resumed run keeps its data")
+        return data
 
-    def _restore(self, tensors, meta):
+    def log(self, msg):
+        """Every message the trainer prints (above the progress bar when there is one)."""
+        if self.progress is not None:
+            self.progress.write(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _restore(self, meta):
         if self.data.tokenizer.to_json() != meta["tokenizer"]:
-            raise TrainingError("the prepared dataset's tokenizer differs from the checkpoint's; "
-                                "resume with the same --input/--tokenizer")
+            raise UsageError("the prepared dataset's tokenizer differs from the checkpoint's; "
+                             "resume with the same --input and --tokenizer")
+        tensors, _ = load_checkpoint(self.run_dir.ckpt)
         model_state, opt_state = unpack_training_state(tensors, meta)
-        self.model.load_state_dict(model_state)
-        if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
-        self.step = int(meta["step"])
+        try:
+            self.model.load_state_dict(model_state)
+            if opt_state is not None:
+                self.optimizer.load_state_dict(opt_state)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{self.run_dir.ckpt}: its state does not fit this model ({exc})") from None
+        self.step = meta["step"]
         best = meta.get("best_val_loss")  # None until the first evaluation
         self.best_val = math.inf if best is None else float(best)
+        self.elapsed = float(meta.get("elapsed_s", 0.0))
         self.batch_rng.bit_generator.state = meta["rng"]["batches"]
         tt.set_rng_state(meta["rng"]["tinytensor"])
-        self.history = meta.get("history", self.history)
-        self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+        self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
+
+    def weights_finite(self) -> bool:
+        return all(bool(p.xp.isfinite(p.data).all()) for p in self.model.parameters())
 
     def save(self, path=None):
+        """Write a checkpoint; never one with non-finite weights (it would replace a good one)."""
+        if not self.weights_finite():
+            raise TrainingError(f"the weights hold NaN/Inf at step {self.step}; not saving them. The last "
+                                f"checkpoint ({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
         meta = {
             "model_type": self.cfg.model,
             "model_config": self.model_config.to_dict(),
             "train_config": dataclasses.asdict(self.cfg),
             "tokenizer": self.data.tokenizer.to_json(),
+            "data": {"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]},
             "step": self.step,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "elapsed_s": self.elapsed,
             "rng": {"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
-            "history": self.history,
         }
         tensors, meta = pack_training_state(self.model, self.optimizer, meta)
-        save_checkpoint(path or self.ckpt_path, tensors, meta)
+        save_checkpoint(path or self.run_dir.ckpt, tensors, meta)
 
-    # -- evaluation -------------------------------------------------------------------
+    # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self):
         """Mean loss over eval_iters batches of each split. Its own generator, seeded by
         the step, so evaluating never changes the training batches (exact resume)."""
@@ -135,7 +210,7 @@ class Trainer:
                                   seed=self.cfg.seed + self.step)
         return tok.decode(ids[0, len(prompt):].tolist())
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------------------
     def lr_at(self, step):
         cfg = self.cfg
         if not cfg.decay_lr:
@@ -160,70 +235,72 @@ class Trainer:
         loss = total / cfg.grad_accum
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
-                                f"({self.ckpt_path}) is untouched. Try a lower --learning-rate or --grad-clip.")
+                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
         if cfg.grad_clip > 0:
             tt.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         self.step += 1
         return loss, lr
 
-    def run(self) -> int:
+    def run(self, stop: StopRequest, history=(), metrics=None) -> int:
+        """Train to max_iters (evaluating, sampling and saving on the way). Returns the exit code."""
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        n_params = self.model.num_parameters()
-        self.log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
+        self.log(f"{cfg.model}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
                  f"backend {cfg.backend}, dataset {self.data.name}, {cfg.max_iters} steps")
+        self.progress = Progress(cfg, self.step, self.log)
+        self.history, self.metrics = list(history), metrics
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-        previous = signal.signal(signal.SIGINT, self._request_stop)
-        bar = _progress(cfg.progress, self.step, cfg.max_iters)
-        metrics = open(self.metrics_path, "a")
+        evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
+        stop.deferred = True  # from here a signal finishes the step and saves
         try:
-            evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
             while True:
                 if self.step != evaluated_at and (self.step % cfg.eval_interval == 0 or self.step >= cfg.max_iters):
-                    self._eval_and_save(metrics, bar)
+                    self._eval_and_save()
                     evaluated_at = self.step
                 if self.step >= cfg.max_iters:
                     break
                 t0 = time.perf_counter()
                 loss, lr = self.train_step()
-                tok_s = tokens_per_step / (time.perf_counter() - t0)
-                metrics.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "tok_per_s": tok_s}) + "\n")
-                self.history["step"].append(self.step)
-                self.history["loss"].append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if self._stop:
-                    metrics.flush()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                self._record({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "ms": dt * 1e3,
+                              "tok_per_s": tokens_per_step / dt, "elapsed_s": round(self.elapsed, 3)})
+                self.progress.step(self.step, loss, lr, dt, tokens_per_step / dt)
+                if stop.requested:
+                    self.metrics.flush()
                     self.save()
-                    bar.close()
-                    self.log(f"interrupted: checkpoint saved at step {self.step} to {self.ckpt_path}; "
-                             "continue with --resume")
+                    self.progress.close()
+                    self.log(f"interrupted ({stop.signame}): checkpoint saved at step {self.step} to "
+                             f"{self.run_dir.ckpt}; continue with --resume")
                     return EXIT_INTERRUPTED
         finally:
-            metrics.close()
-            bar.close()
-            signal.signal(signal.SIGINT, previous)
-        self.log(f"done: step {self.step}, best val loss {self.best_val:.4f}; checkpoint {self.ckpt_path}")
+            stop.deferred = False
+            self.progress.close()
+        self.log(f"done: step {self.step}, best val loss {self.best_val:.4f}; checkpoint {self.run_dir.ckpt}")
         return 0
 
-    def _eval_and_save(self, metrics, bar):
+    def _record(self, row):
+        self.metrics.write(row)
+        self.history.append(row)
+
+    def _eval_and_save(self):
         losses = self.evaluate()
         bpc = losses["val"] / math.log(2) / self.chars_per_token
-        metrics.write(json.dumps({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                  "val_bpc": bpc}) + "\n")
-        metrics.flush()
-        for key, value in (("eval_step", self.step), ("train_loss", losses["train"]), ("val_loss", losses["val"])):
-            self.history[key].append(value)
-        bar.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val {bpc:.3f} bits/char", file=sys.stderr)
+        self._record({"kind": "eval", "step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
+                      "val_bpc": bpc, "elapsed_s": round(self.elapsed, 3)})
+        self.metrics.flush()
+        self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                 f"val {bpc:.3f} bits/char")
+        if not all(map(math.isfinite, losses.values())):
+            raise TrainingError(f"the evaluation loss is not finite at step {self.step} (train {losses['train']}, "
+                                f"val {losses['val']}); stopping without saving. The last checkpoint "
+                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
         if self.cfg.sample_tokens:
-            bar.write("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------",
-                      file=sys.stderr)
+            self.log("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
         if self.cfg.save_checkpoints and self.step > 0:
             if losses["val"] < self.best_val:
                 self.best_val = losses["val"]
-                self.save(self.out_dir / "ckpt_best.safetensors")
+                self.save(self.run_dir.best)
             self.save()
         self._plot()
 
@@ -232,41 +309,84 @@ class Trainer:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except ImportError:
+        except ImportError:  # a dependency, but a stripped-down install may lack it: say so once
             if not getattr(self, "_plot_note", False):
-                self._log_err("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+                self.log("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
                 self._plot_note = True
             return
-        h = self.history
+        train = [(r["step"], r["loss"]) for r in self.history if r.get("kind") == "train"]
+        evals = [r for r in self.history if r.get("kind") == "eval"]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(h["step"], h["loss"], lw=0.6, alpha=0.5, label="train (step)")
-        ax.plot(h["eval_step"], h["train_loss"], "o-", label="train (eval)")
-        ax.plot(h["eval_step"], h["val_loss"], "o-", label="val")
+        if train:
+            ax.plot(*zip(*train), lw=0.6, alpha=0.5, label="train (step)")
+        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
         ax.set(xlabel="step", ylabel="loss", title=f"{self.data.name}: {self.cfg.model}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.out_dir / "loss.png", dpi=100)
+        data = _png_bytes(fig)
         plt.close(fig)
-
-    def _request_stop(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: stop right now
-            raise KeyboardInterrupt
-        self._stop = True
-
-    def _log_err(self, msg):
-        print(msg, file=sys.stderr, flush=True)
+        from .atomic import atomic_write_bytes
+        atomic_write_bytes(self.run_dir.plot, data)
 
 
-def _progress(enabled, start, total):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
+def _png_bytes(fig) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
+class Progress:
+    """A tqdm bar on a terminal; one plain line every --log-interval steps otherwise (log files)."""
+
+    def __init__(self, cfg, start, log):
+        self.cfg, self.log, self.bar = cfg, log, None
+        if cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_iters, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step, loss, lr, dt, tok_s):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        elif step % self.cfg.log_interval == 0:
+            self.log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1e3:.1f} ms/step | {tok_s:,.0f} tok/s")
+
+    def write(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# -- the program --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    cfg = C.from_args(argv)
+    cfg, overrides = C.from_args(argv, description=__doc__.splitlines()[0])
+    stop = StopRequest()
     try:
-        trainer = Trainer(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-        return trainer.run()
+        with stop.installed():
+            run = RunDir(cfg.out_dir)
+            with run.locked():
+                meta = None
+                if cfg.resume:
+                    cfg, meta = resume_config(cfg, overrides, run)
+                else:
+                    run.check_fresh(cfg.overwrite)
+                trainer = Trainer(cfg, run, meta)
+                history, metrics = run.open_metrics(trainer.step if meta is not None else None)
+                try:
+                    return trainer.run(stop, history, metrics)
+                finally:
+                    metrics.close()
+    except (UsageError, RunDirError, ResourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
