@@ -46,6 +46,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from gpt.atomic import atomic_write_bytes, remove_stale_temps
+from gpt.resources import ResourceError, check_fits
 from gpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_json
 
 __all__ = [
@@ -147,8 +148,15 @@ def _read_text(path: Path, what: str = "input file") -> tuple[str, bytes]:
         raise DataError(
             f"{what} is a directory, not a text file: {path}. Pass the path of a .txt file to --input."
         )
+    if not path.is_file():  # a device or a pipe (/dev/zero) could be read forever
+        raise DataError(f"{what} is not a regular file: {path}. Pass the path of a .txt file to --input.")
     try:
+        size = path.stat().st_size
+        # the text, its bytes and its tokens are all in memory while it is prepared
+        check_fits(8 * size, f"preparing {path} ({size:,} bytes)", "split the text or use a machine with more memory")
         raw = path.read_bytes()
+    except ResourceError as e:
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"cannot read {what} {path}: {e}") from e
     if not raw:
@@ -201,11 +209,19 @@ def _shakespeare_source(data_dir: Path, log: Callable[[str], None]) -> Path:
             f"expected {SHAKESPEARE_SHA256} ({len(data)} bytes). It was deleted. Try again, or pass "
             f"--input PATH pointing at a local copy, or put the file at {dest}."
         )
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    _make_dir(dest_dir)
     remove_stale_temps(dest_dir)
     atomic_write_bytes(dest, data)
     log(f"saved {len(data):,} bytes to {dest}")
     return dest
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the dataset folder {path}: {e.strerror or e}. Pass a writable "
+                        f"--data-dir (or set ${DATA_DIR_ENV})") from None
 
 
 def _safe_stem(path: Path) -> str:
@@ -344,7 +360,7 @@ def prepare(
         return _reused(cached, log)
 
     # 4. Prepare from scratch (first removing what killed preparations left behind).
-    ds_dir.mkdir(parents=True, exist_ok=True)
+    _make_dir(ds_dir)
     remove_stale_temps(ds_dir)
     meta_path = ds_dir / "meta.json"
     if meta_path.exists():

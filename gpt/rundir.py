@@ -86,7 +86,9 @@ class RunDir:
         """(the history rows kept, an append-only file for new rows). On resume the rows after the
         checkpoint's step are dropped: those steps are about to be trained again."""
         rows = []
-        if resume_step is not None and self.metrics.is_file() and not self.metrics.is_symlink():
+        if self.metrics.is_symlink():  # never write through a link planted in the out-dir
+            raise RunDirError(f"{self.metrics} is a symbolic link; remove it (the run writes its metrics there)")
+        if resume_step is not None and self.metrics.is_file():
             with open(self.metrics, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:

@@ -23,12 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import strict_json
+
 __all__ = ["TOKENIZERS", "TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
            "tokenizer_from_json", "SPLIT_PATTERN"]
 
 FORMAT_VERSION = 1
 TOKENIZERS = ("char", "bpe")  # the names gpt.train's --tokenizer accepts
 MAX_VOCAB = 65536  # ids must fit in uint16 for compact token files
+MAX_TOKEN_BYTES = 64 << 20  # all tokens' bytes together; real vocabularies use a few hundred KB
 
 # GPT-2-like pre-tokenization without the third-party `regex` module. Merges never
 # cross chunk boundaries, which keeps the vocabulary word-shaped and lets training
@@ -198,15 +201,23 @@ class BPETokenizer(_Base):
 
     def __init__(self, merges):
         self.merges = [tuple(m) for m in merges]
-        self.vocab = [bytes([i]) for i in range(256)]
-        self._ranks: dict[tuple[int, int], int] = {}
+        if 256 + len(self.merges) > MAX_VOCAB:
+            raise TokenizerError(f"too many merges: vocab_size {256 + len(self.merges)} > {MAX_VOCAB}")
+        # merges may come from a file: each one doubles a token at most, so ~40 crafted ones would
+        # spell out a terabyte. Count the bytes before building any of them.
+        lengths = [1] * 256
         for new_id, (a, b) in enumerate(self.merges, start=256):
             if not (0 <= a < new_id and 0 <= b < new_id):
                 raise TokenizerError(f"merge {(a, b)} refers to a token not defined before id {new_id}")
+            lengths.append(lengths[a] + lengths[b])
+        if sum(lengths) > MAX_TOKEN_BYTES:
+            raise TokenizerError(f"the merges spell out {sum(lengths):,} bytes of tokens (at most "
+                                 f"{MAX_TOKEN_BYTES:,}): no tokenizer trained on text does; the file was edited")
+        self.vocab = [bytes([i]) for i in range(256)]
+        self._ranks: dict[tuple[int, int], int] = {}
+        for new_id, (a, b) in enumerate(self.merges, start=256):
             self.vocab.append(self.vocab[a] + self.vocab[b])
             self._ranks[(a, b)] = new_id
-        if len(self.vocab) > MAX_VOCAB:
-            raise TokenizerError(f"too many merges: vocab_size {len(self.vocab)} > {MAX_VOCAB}")
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -313,8 +324,8 @@ class BPETokenizer(_Base):
 def tokenizer_from_json(s: str):
     """Rebuild a tokenizer from `to_json()` output, dispatching on its "kind"."""
     try:
-        data = json.loads(s)
-    except (json.JSONDecodeError, TypeError) as e:
+        data = strict_json.loads(s)  # it may come from a file: bounded nesting, finite numbers
+    except (ValueError, TypeError) as e:
         raise TokenizerError(f"tokenizer JSON is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise TokenizerError("tokenizer JSON must be an object with a 'kind' field")

@@ -23,7 +23,8 @@ from tinytensor.optim import warmup_cosine_lr
 
 from . import config as C
 from .checkpoint import (CheckpointError, load_checkpoint, pack_training_state, read_checkpoint_metadata,
-                         save_checkpoint, unpack_training_state, validate_model_meta, validate_training_meta)
+                         save_checkpoint, unpack_training_state, validate_model_meta, validate_training_meta,
+                         weights_are_finite)
 from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
 from .resources import ResourceError, check_fits
@@ -53,7 +54,7 @@ def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
                               f"without --resume, or pass the --out-dir of the run to continue")
     meta, specs = read_checkpoint_metadata(run.ckpt)
     validate_model_meta(meta, run.ckpt, specs)
-    validate_training_meta(meta, run.ckpt)
+    validate_training_meta(meta, run.ckpt, specs)
     try:
         saved = C.config_from_dict(meta["train_config"])
     except ValueError as exc:
@@ -76,7 +77,7 @@ def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
     """A floor on the memory one training step needs: weights, gradients and two AdamW moments,
     plus the activations backward keeps for one micro-batch (float32). Checked before anything
     is allocated, so an impossible size fails in a second with a message, not in an allocator."""
-    params = model_config.num_parameters() if cfg.model == "gpt" else model_config.vocab_size ** 2
+    params = model_config.num_parameters(cfg.model)
     tokens, C_, L = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.n_layer
     if cfg.model == "gpt":
         # per layer ~16 widths per token (norms, qkv, attention out, MLP 4C twice, residuals)
@@ -163,13 +164,11 @@ class Trainer:
         tt.set_rng_state(meta["rng"]["tinytensor"])
         self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
 
-    def weights_finite(self) -> bool:
-        return all(bool(p.xp.isfinite(p.data).all()) for p in self.model.parameters())
-
     def save(self, path=None):
         """Write a checkpoint; never one with non-finite weights (it would replace a good one)."""
-        if not self.weights_finite():
-            raise TrainingError(f"the weights hold NaN/Inf at step {self.step}; not saving them. The last "
+        finite, bad = weights_are_finite(self.model)
+        if not finite:
+            raise TrainingError(f"{bad} holds NaN/Inf at step {self.step}; not saving it. The last "
                                 f"checkpoint ({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
         meta = {
             "model_type": self.cfg.model,

@@ -498,14 +498,14 @@ MODEL_META_CASES = [
     (("step",), "5", "'step'"),
     (("step",), True, "'step'"),
     (("tokenizer",), 42, "tokenizer"),
-    (("tokenizer",), "{oops", "tokenizer is not valid JSON"),
+    (("tokenizer",), "{oops", "tokenizer JSON is not valid JSON"),
     (("tokenizer",), nested(100_000), "nested"),
     (("tokenizer",), '{"kind": "char", "chars": "ab"}', "tokenizer has 2 tokens but model_config.vocab_size"),
     (("tokenizer",), '{"kind": "wordpiece"}', "unknown tokenizer kind"),
     (("tokenizer",), '{"kind": "char", "chars": 7}', "tokenizer is invalid"),
     # each merge doubles the longest token: 60 merges would spell 2**60 bytes if built
     (("tokenizer",), json.dumps({"kind": "bpe", "merges": [[0, 0]] + [[255 + i, 255 + i] for i in range(1, 60)]}),
-     "BPE merges would spell out"),
+     "merges spell out"),
     (("tokenizer",), json.dumps({"kind": "bpe", "merges": [[0, 0]] * 70000}), "merges"),
 ]
 

@@ -1,5 +1,6 @@
 """Tests for gpt/tokenizer.py: round trips, error messages, serialization,
 streaming, and an incremental-vs-naive check of BPE training."""
+import json
 import random
 import re
 import time
@@ -290,3 +291,13 @@ def test_tiny_shakespeare():
     ids = bpe.encode_array(text)
     assert len(ids) < 0.6 * len(text.encode("utf-8"))
     assert bpe.decode(ids) == text
+
+
+def test_crafted_merges_are_refused_before_building_tokens():
+    """Each merge can double a token: 60 of them would spell out 2**60 bytes. The size is
+    counted first (a tokenizer.json or checkpoint is untrusted input)."""
+    merges = [[0, 0]] + [[256 + i, 256 + i] for i in range(60)]
+    with pytest.raises(TokenizerError, match="spell out"):
+        tokenizer_from_json(json.dumps({"kind": "bpe", "version": 1, "merges": merges}))
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        tokenizer_from_json("[" * 100_000)
