@@ -46,7 +46,7 @@ from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY
 from .resources import ResourceError, check_fits
 
 __all__ = ["CheckpointError", "TensorSpec", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
-           "load_model", "weights_are_finite", "pack_training_state", "unpack_training_state",
+           "read_model_weights", "weights_are_finite", "pack_training_state", "unpack_training_state",
            "validate_model_meta", "validate_training_meta", "FORMAT", "METADATA_KEY"]
 
 # dtypes safetensors can store and NumPy can represent (native byte order)
@@ -298,29 +298,12 @@ def unpack_training_state(tensors: dict, metadata: dict, path="the checkpoint"):
     return model_state, {"state": state, "param_groups": groups}
 
 
-def load_model(path, backend: str = "numpy"):
-    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``.
-
-    >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
-
-    The header and metadata are validated first (nothing is allocated for a bad
-    file); then only the model's weights are read (never the optimizer's moments),
-    and they must all be finite.
-    """
-    from .model import MODELS
-
+def read_model_weights(path):
+    """(model_type, GPTConfig, tokenizer, weights, metadata): the header and metadata validated
+    first (nothing allocated for a bad file), then only the model's tensors read."""
     path = Path(path)
     with _open(path) as (f, size):
         meta, specs, base = _read_header(f, size, path)
         model_type, config, tokenizer = validate_model_meta(meta, path, specs)
-        tensors = _read_tensors(f, specs, base, config.param_shapes(model_type), path)
-    ok, bad = weights_are_finite(tensors)
-    if not ok:
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be "
-                              "sampled from. Use ckpt_best.safetensors or an earlier checkpoint")
-    model = MODELS[model_type](config)
-    try:
-        model.load_state_dict(tensors)
-    except (KeyError, ValueError) as exc:  # unreachable after the checks above, but never a traceback
-        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
-    return model.to(backend), tokenizer, meta
+        weights = _read_tensors(f, specs, base, config.param_shapes(model_type), path)
+    return model_type, config, tokenizer, weights, meta

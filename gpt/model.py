@@ -21,9 +21,8 @@ import numpy as np
 import tinytensor as tt
 import tinytensor.functional as F
 from tinytensor import nn
-from tinytensor.attention import attention_weights_t
 
-from .sampling import generate_tokens
+from .generate import KVCache, generate_tokens
 
 
 # Hard upper limits, far above any model this engine can train (GPT-2 XL: vocab 50257,
@@ -101,44 +100,6 @@ class GPTConfig:
     def num_parameters(self, model_type: str = "gpt") -> int:
         """Exact parameter count of ``MODELS[model_type](self)``, without building it."""
         return sum(math.prod(shape) for shape in self.param_shapes(model_type).values())
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
-
-    Only for inference (under ``tt.no_grad()``). With learned absolute positions
-    the cache is valid only while the whole context fits in ``block_size``: once
-    it would overflow, the caller crops the context and rebuilds the cache.
-    """
-
-    def __init__(self, config: GPTConfig, batch: int, xp, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (batch, config.n_head, config.block_size, hs)
-        self.keys = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
-        self.values = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
-        self.length = 0  # tokens stored (the same in every layer)
-        self.capacity = config.block_size
-
-    def attend(self, layer: int, qkv, n_head: int):
-        """Causal attention of new tokens' packed q, k, v (B, T, 3C) over every cached
-        token and themselves; stores their keys and values. Returns (B, T, C).
-
-        Arrays, not autograd ops: inference records no graph, and one token's step
-        is dominated by per-op overhead, so the fewer ops the better.
-        """
-        if qkv.requires_grad:
-            raise RuntimeError("the KV cache is for inference: call the model under tt.no_grad() "
-                               "(or without cache= to train)")
-        qkv = qkv.data
-        B, T, C3 = qkv.shape
-        hs = C3 // 3 // n_head
-        q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
-        end = self.length + T
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        att_t = attention_weights_t(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
-        y = att_t.swapaxes(-1, -2) @ self.values[layer][:, :, :end]  # (B, H, T, hs)
-        return tt.Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3))
 
 
 class CausalSelfAttention(nn.Module):

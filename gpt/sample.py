@@ -25,8 +25,8 @@ import numpy as np
 import tinytensor as tt
 from tinytensor.backend import BACKENDS
 
-from .checkpoint import CheckpointError, load_model
-from .sampling import check_sampling_args
+from .checkpoint import CheckpointError
+from .generate import check_sampling_args, load_model
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 

@@ -268,9 +268,10 @@ import struct  # noqa: E402
 import tinytensor as tt  # noqa: E402
 from gpt import checkpoint_validate as cv  # noqa: E402
 from gpt import resources  # noqa: E402
-from gpt.checkpoint import (load_model, pack_training_state, read_checkpoint_metadata,  # noqa: E402
+from gpt.checkpoint import (pack_training_state, read_checkpoint_metadata,  # noqa: E402
                             unpack_training_state, validate_model_meta, validate_training_meta,
                             weights_are_finite)
+from gpt.generate import load_model  # noqa: E402
 from gpt.model import MODELS, BigramLM, GPT, GPTConfig  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The GPT model (gpt/model.py) and sampling (gpt/sampling.py): config validation, shapes,
+"""The GPT model (gpt/model.py) and sampling (gpt/generate.py): config validation, shapes,
 nanoGPT parameter names, GPT-2 initialisation, weight tying, optimizer groups, the KV
 cache (same tokens and same logits as the full forward), and the sampling rules."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 import tinytensor as tt
 from gpt.model import GPT, BigramLM, GPTConfig
-from gpt.sampling import check_sampling_args, sample_next
+from gpt.generate import check_sampling_args, sample_next
 
 
 
@@ -541,7 +541,7 @@ def test_gpt_and_tinytensor_never_import_torch():
     import subprocess
     import sys
     from pathlib import Path
-    code = ("import sys, gpt.model, gpt.sampling, gpt.train, gpt.sample, gpt.checkpoint, gpt.data, gpt.tokenizer, "
+    code = ("import sys, gpt.model, gpt.generate, gpt.train, gpt.sample, gpt.checkpoint, gpt.data, gpt.tokenizer, "
             "tinytensor; bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
             "print(bad); sys.exit(1 if bad else 0)")
     repo = Path(__file__).resolve().parents[1]

@@ -25,7 +25,9 @@ import tinytensor as tt
 from gpt import config as C
 from gpt import sample as sample_cli
 from gpt import train as train_cli
-from gpt.checkpoint import load_checkpoint, load_model
+from gpt import trainer
+from gpt.checkpoint import load_checkpoint
+from gpt.generate import load_model
 from gpt.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def corpus(workdir):
 def _data_dir_and_no_plot(request, workdir, monkeypatch):
     monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
     if "with_plot" not in request.fixturenames:  # drawing loss.png costs ~0.5 s per eval
-        monkeypatch.setattr(train_cli.Trainer, "_plot", lambda self: None)
+        monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
 
 
 @pytest.fixture
@@ -334,18 +336,18 @@ def test_interrupt_before_the_first_eval_then_resume(corpus, tmp_path, monkeypat
     """A stop requested mid-run (as the SIGINT handler does) saves at once, even before any
     evaluation (no best val loss yet), and --resume carries on from there."""
     out = tmp_path / "run"
-    real_step = train_cli.Trainer.train_step
+    real_step = trainer.Trainer.train_step
 
     def step_then_interrupt(self):
         result = real_step(self)
         if self.step == 3:
             signal.raise_signal(signal.SIGTERM)  # as `kill` or `docker stop` does
         return result
-    monkeypatch.setattr(train_cli.Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_interrupt)
     assert train(corpus, out, "--max-iters", 8, "--eval-interval", 100) == train_cli.EXIT_INTERRUPTED
     _, meta = load_checkpoint(out / "ckpt.safetensors")
     assert meta["step"] == 3 and meta["best_val_loss"] is None
-    monkeypatch.setattr(train_cli.Trainer, "train_step", real_step)
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
     assert train(corpus, out, "--resume", "--max-iters", 8, "--eval-interval", 100) == 0
     steps, _ = read_metrics(out)
     assert [m["step"] for m in steps] == list(range(1, 9))
@@ -395,7 +397,7 @@ def checkpoint(workdir):
     """One tiny trained model for the sampling tests."""
     out = workdir[0] / "for_sampling"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_cli.Trainer, "_plot", lambda self: None)
+        mp.setattr(trainer.Trainer, "_plot", lambda self: None)
         assert train(workdir[1], out, "--max-iters", 10, "--eval-interval", 10) == 0
     return out / "ckpt.safetensors"
 

@@ -20,6 +20,7 @@ import pytest
 
 import gpt.data
 from gpt import train as train_cli
+from gpt import trainer
 from gpt.checkpoint import FORMAT, METADATA_KEY, load_checkpoint
 from gpt.rundir import RunDir
 from test_train import assert_clean_error, make_text, read_metrics, train_args
@@ -44,7 +45,7 @@ def corpus(workdir):
 def _data_dir_and_no_plot(workdir, monkeypatch):
     monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
     monkeypatch.delenv("GPT_DATA_DIR", raising=False)
-    monkeypatch.setattr(train_cli.Trainer, "_plot", lambda self: None)
+    monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
 
 
 def train(corpus, out, *extra):
@@ -101,7 +102,7 @@ def test_stale_temp_files_are_removed_on_the_next_start(corpus, tmp_path):
 # -- non-finite values never replace a checkpoint ---------------------------------------------------------------
 def test_nan_at_an_evaluation_keeps_the_last_good_checkpoints(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "naneval"
-    real_evaluate = train_cli.Trainer.evaluate
+    real_evaluate = trainer.Trainer.evaluate
 
     def evaluate(self):
         losses = real_evaluate(self)
@@ -111,7 +112,7 @@ def test_nan_at_an_evaluation_keeps_the_last_good_checkpoints(corpus, tmp_path, 
                     p.data *= np.float32("inf")
             return {"train": float("nan"), "val": float("nan")}
         return losses
-    monkeypatch.setattr(train_cli.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
     assert train(corpus, out, "--max-iters", 9, "--eval-interval", 3) == 1
     assert_clean_error(capsys.readouterr().err, "not finite", "step 6", "untouched")
     for name in ("ckpt.safetensors", "ckpt_best.safetensors"):
@@ -122,7 +123,7 @@ def test_nan_at_an_evaluation_keeps_the_last_good_checkpoints(corpus, tmp_path, 
 
 def test_an_interrupt_with_non_finite_weights_does_not_save(corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "naninterrupt"
-    real_step = train_cli.Trainer.train_step
+    real_step = trainer.Trainer.train_step
 
     def step(self):
         result = real_step(self)
@@ -130,7 +131,7 @@ def test_an_interrupt_with_non_finite_weights_does_not_save(corpus, tmp_path, mo
             self.model.parameters()[0].data[...] = np.nan
             signal.raise_signal(signal.SIGINT)
         return result
-    monkeypatch.setattr(train_cli.Trainer, "train_step", step)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step)
     assert train(corpus, out, "--max-iters", 9, "--eval-interval", 3) == 1
     assert_clean_error(capsys.readouterr().err, "NaN", "untouched")
     assert load_checkpoint(out / "ckpt.safetensors")[1]["step"] == 3
@@ -273,7 +274,7 @@ def test_absurd_options_exit_2(args, needle, capsys, tmp_path):
 
 
 def test_a_config_too_big_for_memory_exits_2_before_allocating(corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_cli.MODELS["gpt"], "__init__", lambda *a, **k: pytest.fail("allocated a model"))
+    monkeypatch.setattr(trainer.MODELS["gpt"], "__init__", lambda *a, **k: pytest.fail("allocated a model"))
     assert train(corpus, tmp_path / "big", "--batch-size", 100000, "--block-size", 4096) == 2
     assert_clean_error(capsys.readouterr().err, "memory", "--batch-size")
 

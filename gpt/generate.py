@@ -1,7 +1,10 @@
-"""Choosing the next token: temperature, top-k, top-p, and the decoding loop.
+"""Inference: load a model for sampling, the KV cache, the sampling rules and the decoding loop.
 
 Sampling happens on the host in NumPy with its own seeded generator, so the
 same seed gives the same text on either backend.
+
+>>> model, tokenizer, meta = load_model("out/ckpt.safetensors")   # doctest: +SKIP
+>>> ids = generate(model, np.array([tokenizer.encode("ROMEO:")]), 100, temperature=0.8, seed=1)  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import numbers
 import numpy as np
 
 import tinytensor as tt
+from tinytensor.attention import attention_weights_t
+
+from .checkpoint import CheckpointError, read_model_weights, weights_are_finite
 
 
 def _is_number(x) -> bool:
@@ -103,3 +109,65 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 yield nxt
     finally:
         model.train(was_training)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
+
+    Only for inference (under ``tt.no_grad()``). With learned absolute positions
+    the cache is valid only while the whole context fits in ``block_size``: once
+    it would overflow, the caller crops the context and rebuilds the cache.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, xp, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch, config.n_head, config.block_size, hs)
+        self.keys = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
+        self.values = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
+        self.length = 0  # tokens stored (the same in every layer)
+        self.capacity = config.block_size
+
+    def attend(self, layer: int, qkv, n_head: int):
+        """Causal attention of new tokens' packed q, k, v (B, T, 3C) over every cached
+        token and themselves; stores their keys and values. Returns (B, T, C).
+
+        Arrays, not autograd ops: inference records no graph, and one token's step
+        is dominated by per-op overhead, so the fewer ops the better.
+        """
+        if qkv.requires_grad:
+            raise RuntimeError("the KV cache is for inference: call the model under tt.no_grad() "
+                               "(or without cache= to train)")
+        qkv = qkv.data
+        B, T, C3 = qkv.shape
+        hs = C3 // 3 // n_head
+        q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
+        end = self.length + T
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        att_t = attention_weights_t(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
+        y = att_t.swapaxes(-1, -2) @ self.values[layer][:, :, :end]  # (B, H, T, hs)
+        return tt.Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3))
+
+
+def load_model(path, backend: str = "numpy"):
+    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``, for inference.
+
+    >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
+
+    The header and metadata are validated first (nothing is allocated for a bad
+    file); then only the model's weights are read (never the optimizer's moments),
+    and they must all be finite.
+    """
+    from .model import MODELS
+
+    model_type, config, tokenizer, weights, meta = read_model_weights(path)
+    ok, bad = weights_are_finite(weights)
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be "
+                              "sampled from. Use ckpt_best.safetensors or an earlier checkpoint")
+    model = MODELS[model_type](config)
+    try:
+        model.load_state_dict(weights)
+    except (KeyError, ValueError) as exc:  # unreachable after the checks above, but never a traceback
+        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
+    return model.to(backend), tokenizer, meta

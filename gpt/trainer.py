@@ -1,0 +1,388 @@
+"""Training: the run's configuration (a resumed run's included), resolved before anything is
+built; a pure training step; the loop with its evaluations and checkpoints; one run log.
+
+>>> cfg, overrides = config.from_args(["--preset", "tiny"])           # doctest: +SKIP
+>>> with RunDir(cfg.out_dir).locked() as run:                          # doctest: +SKIP
+...     Trainer(cfg, run).run(StopRequest())
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+
+import tinytensor as tt
+from tinytensor.optim import warmup_cosine_lr
+
+from . import config as C
+from .atomic import atomic_write_bytes
+from .checkpoint import (CheckpointError, load_checkpoint, pack_training_state, read_checkpoint_metadata,
+                         save_checkpoint, unpack_training_state, validate_model_meta, validate_training_meta,
+                         weights_are_finite)
+from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
+from .model import MODELS, GPTConfig
+from .resources import check_fits
+from .rundir import RunDir
+from .signals import EXIT_INTERRUPTED, StopRequest
+from .tokenizer import TokenizerError
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says where."""
+
+
+class UsageError(ValueError):
+    """The options (or a checkpoint's settings with them) cannot make a run: exit 2."""
+
+
+# -- configuration: the command line, and on --resume the checkpoint ----------------------------------------
+def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
+    """On --resume the run's settings come from its checkpoint; the command line changes only
+    what it sets (e.g. --max-iters), never the model or the data. Paths and switches are never
+    taken from the checkpoint (untrusted: it must not choose which files are read or written).
+    Returns (config, checkpoint metadata), reading only the checkpoint's header."""
+    if not run.ckpt.is_file():
+        raise CheckpointError(f"checkpoint not found: {run.ckpt}; nothing to --resume. Start a new run "
+                              f"without --resume, or pass the --out-dir of the run to continue")
+    meta, specs = read_checkpoint_metadata(run.ckpt)
+    validate_model_meta(meta, run.ckpt, specs)
+    validate_training_meta(meta, run.ckpt, specs)
+    try:
+        saved = C.config_from_dict(meta["train_config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{run.ckpt}: {exc}") from None
+    for name in sorted(set(overrides) & set(C.fields_resumed_as("keep"))):
+        if saved.get(name) != getattr(cfg, name):
+            raise UsageError(f"{C._flag(name)} {getattr(cfg, name)} differs from the checkpoint's "
+                             f"{saved.get(name)}; a resumed run keeps its model, data and seed")
+    local = set(C.fields_resumed_as("local"))
+    merged = {k: v for k, v in saved.items() if k not in local}
+    merged.update({k: getattr(cfg, k) for k in local | set(overrides)})
+    try:
+        resumed = C.TrainConfig(**merged).validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{run.ckpt}: its training settings are invalid ({exc})") from None
+    return resumed, meta
+
+
+def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
+    """A floor on the memory one training step needs: weights, gradients and two AdamW moments,
+    plus the activations backward keeps for one micro-batch (float32). Checked before anything
+    is allocated, so an impossible size fails in a second with a message, not in an allocator."""
+    params = model_config.num_parameters(cfg.model)
+    tokens, C_, L = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.n_layer
+    if cfg.model == "gpt":
+        # per layer ~16 widths per token (norms, qkv, attention out, MLP 4C twice, residuals)
+        # and the attention weights, (B, H, T, T), kept for backward
+        acts = L * (16 * tokens * C_ + cfg.batch_size * cfg.n_head * cfg.block_size ** 2)
+    else:
+        acts = 0
+    acts += 3 * tokens * model_config.vocab_size  # logits, probabilities, their gradient
+    return 4 * (4 * params + acts)
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Builds the data, model and optimizer from a resolved config (restoring a checkpoint's
+    state when ``checkpoint_meta`` is given) and runs the loop. Messages go to stderr."""
+
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, checkpoint_meta=None):
+        self.cfg, self.run_dir = cfg, run
+        self.runlog = RunLog(cfg)  # messages only, until run() opens the metrics
+        self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
+        tt.backend.get_xp(cfg.backend)  # fail early with the install hint
+        tt.manual_seed(cfg.seed)
+        self.data = self._dataset(checkpoint_meta)
+        meta = self.data.meta
+        self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
+        self.model_config = GPTConfig(vocab_size=self.data.vocab_size,
+                                      **{f: getattr(cfg, f) for f in C.MODEL_FIELDS})
+        if cfg.backend == "numpy":  # (CuPy's limit is the GPU's memory, which only CuPy can tell)
+            check_fits(training_bytes(self.model_config, cfg), "this configuration",
+                       "lower --batch-size, --block-size, --n-embd or --n-layer")
+        self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                         (cfg.beta1, cfg.beta2))
+        self.batch_rng = np.random.default_rng(cfg.seed)
+        if checkpoint_meta is not None:
+            self._restore(checkpoint_meta)
+
+    def _dataset(self, meta):
+        cfg, data = self.cfg, None
+        info = (meta or {}).get("data")
+        info = info if isinstance(info, dict) else {}  # absent in older checkpoints
+        if meta is not None and cfg.input is None:
+            # a resumed run: the prepared copy in the data directory, found by name and hash
+            data = find_prepared(info.get("name"), info.get("source_sha256"), cfg.tokenizer, cfg.vocab_size,
+                                 cfg.data_dir)
+            if data is not None:
+                self.log(f"using prepared dataset at {data.dir}")
+            elif info.get("source_sha256", SHAKESPEARE_SHA256) != SHAKESPEARE_SHA256:
+                raise DataError(f"the prepared dataset {str(info.get('name'))[:80]!r} of this run is not in "
+                                f"{resolve_data_dir(cfg.data_dir)}; pass --input PATH (the text the run trained "
+                                "on) or the --data-dir it used")
+        if data is None:  # Tiny Shakespeare is prepared again (downloaded if need be), any other text from --input
+            data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
+                           log=self.log)
+        if info.get("source_sha256", data.meta["source_sha256"]) != data.meta["source_sha256"]:
+            raise UsageError("--input is not the text this run trained on (its sha256 differs); "
+                             "a resumed run keeps its data")
+        return data
+
+    def log(self, msg):
+        self.runlog.message(msg)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _restore(self, meta):
+        if self.data.tokenizer.to_json() != meta["tokenizer"]:
+            raise UsageError("the prepared dataset's tokenizer differs from the checkpoint's; "
+                             "resume with the same --input and --tokenizer")
+        tensors, _ = load_checkpoint(self.run_dir.ckpt)
+        model_state, opt_state = unpack_training_state(tensors, meta)
+        try:
+            self.model.load_state_dict(model_state)
+            if opt_state is not None:
+                self.optimizer.load_state_dict(opt_state)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{self.run_dir.ckpt}: its state does not fit this model ({exc})") from None
+        self.step = meta["step"]
+        best = meta.get("best_val_loss")  # None until the first evaluation
+        self.best_val = math.inf if best is None else float(best)
+        self.elapsed = float(meta.get("elapsed_s", 0.0))
+        self.batch_rng.bit_generator.state = meta["rng"]["batches"]
+        tt.set_rng_state(meta["rng"]["tinytensor"])
+        self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
+
+    def save(self, path=None):
+        """Write a checkpoint; never one with non-finite weights (it would replace a good one)."""
+        finite, bad = weights_are_finite(self.model)
+        if not finite:
+            raise TrainingError(f"{bad} holds NaN/Inf at step {self.step}; not saving it. The last "
+                                f"checkpoint ({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
+        meta = {
+            "model_type": self.cfg.model,
+            "model_config": self.model_config.to_dict(),
+            "train_config": dataclasses.asdict(self.cfg),
+            "tokenizer": self.data.tokenizer.to_json(),
+            "data": {"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]},
+            "step": self.step,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "elapsed_s": self.elapsed,
+            "rng": {"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
+        }
+        tensors, meta = pack_training_state(self.model, self.optimizer, meta)
+        save_checkpoint(path or self.run_dir.ckpt, tensors, meta)
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def evaluate(self):
+        """Mean loss over eval_iters batches of each split. Its own generator, seeded by
+        the step, so evaluating never changes the training batches (exact resume)."""
+        cfg, out = self.cfg, {}
+        rng = np.random.default_rng([cfg.seed, self.step, 1])
+        self.model.eval()
+        with tt.no_grad():
+            for split, data in (("train", self.data.train), ("val", self.data.val)):
+                losses = [self.model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].item()
+                          for _ in range(cfg.eval_iters)]
+                out[split] = float(np.mean(losses))
+        self.model.train()
+        return out
+
+    def sample_text(self, n_tokens):
+        tok = self.data.tokenizer
+        try:
+            prompt = tok.encode("\n")
+        except TokenizerError:
+            prompt = [0]
+        ids = self.model.generate(np.array([prompt]), n_tokens, temperature=0.8, top_k=200,
+                                  seed=self.cfg.seed + self.step)
+        return tok.decode(ids[0, len(prompt):].tolist())
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def lr_at(self, step):
+        cfg = self.cfg
+        if not cfg.decay_lr:
+            return cfg.learning_rate
+        decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+        return warmup_cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, decay, cfg.min_lr)
+
+    def train_step(self):
+        """One optimizer step on the next batch; returns (mean loss, learning rate)."""
+        cfg = self.cfg
+        lr = self.lr_at(self.step)
+        # all micro-batches drawn at once: grad_accum N is exactly an N-times batch
+        x, y = get_batch(self.data.train, cfg.batch_size * cfg.grad_accum, cfg.block_size, self.batch_rng)
+        loss = train_step(self.model, self.optimizer, x, y, lr, cfg.grad_accum, cfg.grad_clip)
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
+                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
+        self.step += 1
+        return loss, lr
+
+    def run(self, stop: StopRequest) -> int:
+        """Train to max_iters (evaluating, sampling and saving on the way). Returns the exit code."""
+        cfg = self.cfg
+        self.log(f"{cfg.model}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
+                 f"backend {cfg.backend}, dataset {self.data.name}, {cfg.max_iters} steps")
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+        evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
+        self.runlog.open(self.run_dir, self.step, resumed=cfg.resume)
+        stop.deferred = True  # from here a signal finishes the step and saves
+        try:
+            while True:
+                if self.step != evaluated_at and (self.step % cfg.eval_interval == 0 or self.step >= cfg.max_iters):
+                    self._eval_and_save()
+                    evaluated_at = self.step
+                if self.step >= cfg.max_iters:
+                    break
+                t0 = time.perf_counter()
+                loss, lr = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                self.runlog.step({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "ms": dt * 1e3,
+                                  "tok_per_s": tokens_per_step / dt, "elapsed_s": round(self.elapsed, 3)})
+                if stop.requested:
+                    self.runlog.flush()
+                    self.save()
+                    self.runlog.close_bar()
+                    self.log(f"interrupted ({stop.signame}): checkpoint saved at step {self.step} to "
+                             f"{self.run_dir.ckpt}; continue with --resume")
+                    return EXIT_INTERRUPTED
+        finally:
+            stop.deferred = False
+            self.runlog.close()
+        self.log(f"done: step {self.step}, best val loss {self.best_val:.4f}; checkpoint {self.run_dir.ckpt}")
+        return 0
+
+    def _eval_and_save(self):
+        losses = self.evaluate()
+        bpc = losses["val"] / math.log(2) / self.chars_per_token
+        self.runlog.eval({"kind": "eval", "step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
+                          "val_bpc": bpc, "elapsed_s": round(self.elapsed, 3)})
+        if not all(map(math.isfinite, losses.values())):
+            raise TrainingError(f"the evaluation loss is not finite at step {self.step} (train {losses['train']}, "
+                                f"val {losses['val']}); stopping without saving. The last checkpoint "
+                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
+        if self.cfg.sample_tokens:
+            self.log("---- sample ----\n" + self.sample_text(self.cfg.sample_tokens) + "\n----------------")
+        if self.cfg.save_checkpoints and self.step > 0:
+            if losses["val"] < self.best_val:
+                self.best_val = losses["val"]
+                self.save(self.run_dir.best)
+            self.save()
+        self._plot()
+
+    def _plot(self):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # a dependency, but a stripped-down install may lack it: say so once
+            if not getattr(self, "_plot_note", False):
+                self.log("note: matplotlib is not installed, so no loss.png (pip install matplotlib)")
+                self._plot_note = True
+            return
+        train = [(r["step"], r["loss"]) for r in self.runlog.history if r.get("kind") == "train"]
+        evals = [r for r in self.runlog.history if r.get("kind") == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), lw=0.6, alpha=0.5, label="train (step)")
+        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+        ax.set(xlabel="step", ylabel="loss", title=f"{self.data.name}: {self.cfg.model}")
+        ax.legend()
+        fig.tight_layout()
+        data = _png_bytes(fig)
+        plt.close(fig)
+        atomic_write_bytes(self.run_dir.plot, data)
+
+
+def _png_bytes(fig) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+class RunLog:
+    """Everything a run reports, in one place: messages (stderr, above the bar), progress (a
+    tqdm bar on a terminal; one plain line every --log-interval steps otherwise, e.g. a log
+    file), and the metrics rows (metrics.jsonl, kept in memory too for the plot)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.bar, self.metrics, self.history = cfg, None, None, []
+
+    def open(self, run: RunDir, start_step: int, resumed: bool):
+        self.history, self.metrics = run.open_metrics(start_step if resumed else None)
+        if self.cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.cfg.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def message(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _row(self, row):
+        self.metrics.write(row)
+        self.history.append(row)
+
+    def step(self, row):
+        self._row(row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:,.0f}",
+                                 refresh=False)
+        elif row["step"] % self.cfg.log_interval == 0:
+            self.message(f"step {row['step']} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                         f"{row['ms']:.1f} ms/step | {row['tok_per_s']:,.0f} tok/s")
+
+    def eval(self, row):
+        self._row(row)
+        self.flush()
+        self.message(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                     f"val {row['val_bpc']:.3f} bits/char")
+
+    def flush(self):
+        if self.metrics is not None:
+            self.metrics.flush()
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self.close_bar()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip: float = 0.0) -> float:
+    """One optimizer step on the batch (x, y), split into ``grad_accum`` micro-batches whose
+    gradients add up to the whole batch's; returns the mean loss. The optimizer is not
+    stepped when the loss is not finite (the caller stops the run).
+
+    >>> loss = train_step(model, opt, x, y, lr=1e-3, grad_clip=1.0)   # doctest: +SKIP
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad()
+    total = 0.0
+    for xs, ys in zip(np.split(x, grad_accum), np.split(y, grad_accum)):
+        _, loss = model(xs, ys)
+        (loss * (1.0 / grad_accum)).backward()
+        total += loss.item()
+    loss = total / grad_accum
+    if not math.isfinite(loss):
+        return loss
+    if grad_clip > 0:
+        tt.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
