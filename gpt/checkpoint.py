@@ -41,7 +41,7 @@ import numpy as np
 from . import strict_json
 from .atomic import atomic_write_bytes
 from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY, CheckpointError, TensorSpec,
-                                  check_optimizer_meta, corrupt, parse_header, parse_metadata,
+                                  check_optimizer_meta, upgrade_optimizer_meta, corrupt, parse_header, parse_metadata,
                                   validate_model_meta, validate_training_meta)
 from .resources import ResourceError, check_fits
 
@@ -260,42 +260,60 @@ def weights_are_finite(weights) -> tuple[bool, Optional[str]]:
 # parameter's index in the optimizer), and everything else as JSON metadata.
 
 def pack_training_state(model, optimizer, metadata: dict) -> tuple[dict, dict]:
-    """(tensors, metadata) for ``save_checkpoint`` from a model and its optimizer."""
+    """(tensors, metadata) for ``save_checkpoint`` from a model and any tinytensor optimizer.
+
+    The weights keep their state-dict names; each array of the optimizer's state becomes
+    the tensor ``optimizer.<parameter index>.<name>`` (AdamW: exp_avg, exp_avg_sq; SGD:
+    momentum_buffer) and its scalars (AdamW's step) go to the metadata, so a new optimizer
+    needs no change here.
+    """
     tensors = dict(model.state_dict())
     opt_state = optimizer.state_dict()
-    steps = {}
+    state = {}
     for i, s in opt_state["state"].items():
-        steps[str(i)] = int(s["step"])
-        tensors[f"optimizer.{i}.exp_avg"] = s["exp_avg"]
-        tensors[f"optimizer.{i}.exp_avg_sq"] = s["exp_avg_sq"]
+        scalars = {}
+        for name, value in s.items():
+            if getattr(value, "ndim", 0) > 0:
+                tensors[f"optimizer.{i}.{name}"] = value
+            else:
+                scalars[name] = value.item() if hasattr(value, "item") else value
+        state[str(i)] = scalars
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
               for g in opt_state["param_groups"]]
-    return tensors, {**metadata, "optimizer": {"param_groups": groups, "steps": steps}}
+    return tensors, {**metadata, "optimizer": {"type": type(optimizer).__name__, "param_groups": groups,
+                                               "state": state}}
 
 
 def unpack_training_state(tensors: dict, metadata: dict, path="the checkpoint"):
-    """(model state dict, optimizer state dict or None) from a loaded checkpoint.
+    """(model state dict, optimizer state dict or None) from a loaded checkpoint (v1 or v2).
 
     >>> model_state, opt_state = unpack_training_state(*load_checkpoint("out/ckpt.safetensors"))  # doctest: +SKIP
 
-    Raises CheckpointError when the ``optimizer`` metadata is malformed or names
-    moments that are not among ``tensors``.
+    Raises CheckpointError when the ``optimizer`` metadata is malformed, names a state
+    without its tensors, or ``optimizer.*`` tensors are misnamed.
     """
     model_state = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     opt_meta = metadata.get("optimizer")
     if opt_meta is None:
         return model_state, None
-    check_optimizer_meta(opt_meta, path)
-    names = [f"optimizer.{i}.{m}" for i in opt_meta["steps"] for m in ("exp_avg", "exp_avg_sq")]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise CheckpointError(f"{path}: optimizer tensors {', '.join(missing[:8])} are missing; the file was "
-                              "not written by gpt.train or was edited; use another checkpoint")
-    state = {int(i): {"step": step, "exp_avg": tensors[f"optimizer.{i}.exp_avg"],
-                      "exp_avg_sq": tensors[f"optimizer.{i}.exp_avg_sq"]}
-             for i, step in opt_meta["steps"].items()}
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in opt_meta["param_groups"]]
-    return model_state, {"state": state, "param_groups": groups}
+    opt_meta = upgrade_optimizer_meta(opt_meta)
+    with_state = check_optimizer_meta(opt_meta, path)
+    state = {i: dict(opt_meta["state"][str(i)]) for i in with_state}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            if not index.isdigit() or int(index) not in state:
+                raise CheckpointError(f"{path}: optimizer tensor {name!r} belongs to no parameter with saved "
+                                      "state; the file was not written by gpt.train or was edited")
+            state[int(index)][key] = value
+    if opt_meta["type"] == "AdamW":  # (v1 files name their moments only through these tensors)
+        missing = [f"optimizer.{i}.{m}" for i in with_state for m in ("exp_avg", "exp_avg_sq") if m not in state[i]]
+        if missing:
+            raise CheckpointError(f"{path}: optimizer tensors {', '.join(missing[:8])} are missing; the file was "
+                                  "not written by gpt.train or was edited; use another checkpoint")
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in opt_meta["param_groups"]]
+    return model_state, {"type": opt_meta["type"], "state": state, "param_groups": groups}
 
 
 def read_model_weights(path):

@@ -30,7 +30,8 @@ __all__ = ["CheckpointError", "TensorSpec", "DTYPES", "MAX_HEADER_BYTES", "FORMA
            "parse_header", "parse_metadata", "validate_model_meta", "validate_training_meta",
            "check_model_tensors"]
 
-FORMAT = "tinytensor-ckpt-v1"
+FORMAT = "tinytensor-ckpt-v2"  # v2: any optimizer's state; v1 (AdamW moments + "steps") is still read
+_READABLE = (FORMAT, "tinytensor-ckpt-v1")
 METADATA_KEY = "tinytensor"
 
 # Far above what gpt.train writes (a 65k-token BPE is ~1 MB of JSON), and small enough
@@ -139,9 +140,9 @@ def parse_metadata(header_meta: dict[str, str], path) -> dict:
     if METADATA_KEY not in header_meta:
         raise CheckpointError(f"{path} is a safetensors file but was not written by gpt.train "
                               f"(no {METADATA_KEY!r} metadata in its header).")
-    if header_meta.get("format") != FORMAT:
+    if header_meta.get("format") not in _READABLE:
         raise CheckpointError(f"{path} has checkpoint format {_show(header_meta.get('format'))}; this "
-                              f"version reads {FORMAT!r}.")
+                              f"version reads {' and '.join(map(repr, _READABLE))}.")
     try:
         meta = strict_json.loads(header_meta[METADATA_KEY])
     except ValueError as exc:
@@ -254,39 +255,89 @@ def _pcg64_state(state, where: str, path) -> None:
                               f"state ({_show(state)}); the checkpoint cannot be resumed exactly")
 
 
-_GROUP_KEYS = {"params", "lr", "betas", "eps", "weight_decay"}  # AdamW's parameter groups
+_STATE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,31}")  # optimizer state and group keys: exp_avg, momentum_buffer, ...
+
+
+def upgrade_optimizer_meta(opt):
+    """A v1 checkpoint's AdamW metadata (``param_groups`` + per-parameter ``steps``) in the v2
+    layout (``param_groups`` + per-parameter ``state`` scalars); anything else unchanged."""
+    if isinstance(opt, dict) and set(opt) == {"param_groups", "steps"} and isinstance(opt["steps"], dict):
+        return {"type": "AdamW", "param_groups": opt["param_groups"],
+                "state": {k: {"step": v} for k, v in opt["steps"].items()}}
+    return opt
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, bool) or _is_finite(v)
 
 
 def check_optimizer_meta(opt, path) -> list[int]:
-    """Validate the ``optimizer`` metadata (AdamW groups and per-parameter steps);
-    returns the parameter indices that have saved state."""
+    """Validate the ``optimizer`` metadata of any optimizer: its type name, its parameter
+    groups (parameter indices plus hyperparameters: finite numbers, booleans, short lists
+    of numbers) and each parameter's scalar state (e.g. AdamW's step). The arrays of the
+    state are tensors named ``optimizer.<index>.<name>``. Returns the indices with state."""
     def bad(what):
         return CheckpointError(f"{path}: its optimizer state is malformed ({what}); the checkpoint cannot be "
                                "resumed. Sample from it with gpt.sample, or start a new run")
-    if not isinstance(opt, dict) or set(opt) != {"param_groups", "steps"}:
-        raise bad("expected an object with 'param_groups' and 'steps'")
-    groups, steps = opt["param_groups"], opt["steps"]
-    if not isinstance(groups, list) or not groups:
+    if not isinstance(opt, dict) or set(opt) != {"type", "param_groups", "state"}:
+        raise bad("expected an object with 'type', 'param_groups' and 'state'")
+    if not (isinstance(opt["type"], str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", opt["type"])):
+        raise bad(f"'type' must be an optimizer's class name, got {_show(opt['type'])}")
+    groups, state = opt["param_groups"], opt["state"]
+    if not isinstance(groups, list) or not 0 < len(groups) <= 1024:
         raise bad("param_groups must be a non-empty list")
     indices = []
     for g in groups:
-        if not isinstance(g, dict) or set(g) != _GROUP_KEYS:
-            raise bad(f"a parameter group must have exactly {', '.join(sorted(_GROUP_KEYS))}; got {_show(g)}")
+        if not isinstance(g, dict) or "params" not in g or not all(isinstance(k, str) and _STATE_NAME.fullmatch(k)
+                                                                    for k in g):
+            raise bad(f"a parameter group must be an object with 'params' and named hyperparameters; got {_show(g)}")
         if not isinstance(g["params"], list) or not all(_is_int(i) and i >= 0 for i in g["params"]):
             raise bad(f"'params' must list parameter indices, got {_show(g['params'])}")
         indices += g["params"]
-        betas = g["betas"]
-        if not (all(_is_finite(g[k]) and g[k] >= 0 for k in ("lr", "eps", "weight_decay"))
-                and isinstance(betas, list) and len(betas) == 2 and all(_is_finite(b) and 0 <= b < 1 for b in betas)):
-            raise bad(f"lr, eps, weight_decay must be finite and >= 0 and betas two numbers in [0, 1); "
-                      f"got {_show({k: g[k] for k in ('lr', 'betas', 'eps', 'weight_decay')})}")
+        for k, v in g.items():
+            if k != "params" and not (_scalar(v) or isinstance(v, list) and len(v) <= 8 and all(map(_is_finite, v))):
+                raise bad(f"hyperparameter {k!r} must be a finite number, a boolean or a short list of numbers; "
+                          f"got {_show(v)}")
     if sorted(indices) != list(range(len(indices))):
         raise bad("the groups' parameter indices must be 0..n-1, each once")
-    if not isinstance(steps, dict) or not all(
+    if not isinstance(state, dict) or not all(
             isinstance(k, str) and re.fullmatch(r"0|[1-9][0-9]{0,9}", k) and int(k) < len(indices)
-            and _is_int(v) and 0 <= v < 1 << 62 for k, v in steps.items()):
-        raise bad(f"'steps' must map parameter indices below {len(indices)} to step counts, got {_show(steps)}")
-    return sorted(int(k) for k in steps)
+            and isinstance(v, dict) and all(isinstance(n, str) and _STATE_NAME.fullmatch(n) and _scalar(x)
+                                            and abs(x) < 1 << 62 for n, x in v.items())
+            for k, v in state.items()):
+        raise bad(f"'state' must map parameter indices below {len(indices)} to objects of named numbers, "
+                  f"got {_show(state)}")
+    return sorted(int(k) for k in state)
+
+
+def check_optimizer_tensors(specs: dict, n_params: int, with_state: list, path) -> None:
+    """The ``optimizer.<index>.<name>`` tensors: a parameter index with saved state, a state
+    name, float data; every such parameter has the same array names (AdamW: exp_avg and
+    exp_avg_sq), all of one shape (the parameter's)."""
+    arrays: dict = {}
+    for name, spec in specs.items():
+        if not name.startswith("optimizer."):
+            continue
+        parts = name.split(".")
+        if not (len(parts) == 3 and re.fullmatch(r"0|[1-9][0-9]{0,9}", parts[1]) and int(parts[1]) < n_params
+                and _STATE_NAME.fullmatch(parts[2]) and spec.dtype.kind == "f"):
+            raise CheckpointError(f"{path}: optimizer tensor {_show(name)} ({spec.dtype}) is not "
+                                  f"optimizer.<parameter index below {n_params}>.<state name> in float; {_EDITED}")
+        arrays.setdefault(int(parts[1]), {})[parts[2]] = spec
+    names = set().union(*arrays.values()) if arrays else set()
+    for i in with_state:
+        missing = sorted(names - set(arrays.get(i, {})))
+        if missing:
+            raise CheckpointError(f"{path}: optimizer tensors {', '.join(f'optimizer.{i}.{m}' for m in missing)} "
+                                  f"are missing; {_EDITED}")
+        shapes = {tuple(spec.shape) for spec in arrays.get(i, {}).values()}
+        if len(shapes) > 1:
+            raise CheckpointError(f"{path}: the optimizer tensors of parameter {i} must be of one shape, got "
+                                  f"{sorted(shapes)}; {_EDITED}")
+    stray = sorted(set(arrays) - set(with_state))
+    if stray:
+        raise CheckpointError(f"{path}: optimizer tensors for parameter {stray[0]}, which has no saved state; "
+                              + _EDITED)
 
 
 def validate_training_meta(meta: dict, path, specs: Optional[dict] = None) -> None:
@@ -313,14 +364,8 @@ def validate_training_meta(meta: dict, path, specs: Optional[dict] = None) -> No
     if "optimizer" not in meta:
         raise CheckpointError(f"{path} holds no optimizer state, so a run cannot resume from it exactly; "
                               "sample from it with gpt.sample, or start a new run")
+    meta["optimizer"] = upgrade_optimizer_meta(meta["optimizer"])
     with_state = check_optimizer_meta(meta["optimizer"], path)
     if specs is not None:
-        for i in with_state:
-            names = [f"optimizer.{i}.exp_avg", f"optimizer.{i}.exp_avg_sq"]
-            missing = [n for n in names if n not in specs]
-            if missing:
-                raise CheckpointError(f"{path}: optimizer tensors {', '.join(missing)} are missing; {_EDITED}")
-            a, b = specs[names[0]], specs[names[1]]
-            if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
-                raise CheckpointError(f"{path}: optimizer tensors {names[0]} {a.shape} {a.dtype} and {names[1]} "
-                                      f"{b.shape} {b.dtype} must be float and of one shape; {_EDITED}")
+        n_params = sum(len(g["params"]) for g in meta["optimizer"]["param_groups"])
+        check_optimizer_tensors(specs, n_params, with_state, path)

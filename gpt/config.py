@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 from tinytensor.backend import BACKENDS
 
-from .model import MODELS, GPTConfig
-from .tokenizer import MAX_VOCAB, TOKENIZERS
+from .model import MODELS, GPTConfig, ModelOptions
+from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
 
 # What `--resume` does with a field (the `resume` entry of its metadata):
 #   "keep"   the run's identity (model shape, data, seed): the checkpoint's value; a different one is an error
@@ -32,7 +33,10 @@ def _opt(default, help, resume="free", choices=None, metavar=None):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelOptions):
+    """Everything a training run is: the model options (inherited: one declaration each),
+    data, optimisation, evaluation and run settings. ``model_config(vocab)`` gives the GPTConfig."""
+
     # data
     dataset: str = _opt("shakespeare_char", "dataset to download and prepare when --input is not given",
                         resume="keep", choices=("shakespeare_char",))
@@ -45,14 +49,8 @@ class TrainConfig:
                           resume="keep", choices=TOKENIZERS)
     vocab_size: Optional[int] = _opt(None, "BPE vocabulary size, 256..65536 (default 512; char ignores it)",
                                      resume="keep")
-    # model (the fields shared with GPTConfig: see MODEL_FIELDS)
+    # model: the architecture fields are inherited from ModelOptions (gpt/model.py)
     model: str = _opt("gpt", "gpt, or the bigram baseline", resume="keep", choices=tuple(MODELS))
-    n_layer: int = _opt(4, "transformer blocks", resume="keep")
-    n_head: int = _opt(4, "attention heads (must divide --n-embd)", resume="keep")
-    n_embd: int = _opt(128, "embedding width", resume="keep")
-    block_size: int = _opt(64, "context length in tokens", resume="keep")
-    dropout: float = _opt(0.0, "dropout probability in [0, 1)", resume="keep")
-    bias: bool = _opt(True, "biases in Linear layers and LayerNorms", resume="keep")
     # optimisation
     batch_size: int = _opt(12, "sequences per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per step: the same as a grad_accum times larger batch")
@@ -99,8 +97,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"{_flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
-                     "eval_iters", "log_interval"):
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "sample_tokens", "learning_rate", "min_lr", "weight_decay",
@@ -110,26 +107,32 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         # hard upper bounds: far beyond anything this engine can train, small enough that the
-        # memory estimate below (and every size computed from them) stays exact
+        # memory estimate (and every size computed from them) stays exact
         for name, limit in _LIMITS.items():
             if (getattr(self, name) or 0) > limit:
                 raise ValueError(f"{_flag(name)} {getattr(self, name)} is too large (at most {limit:,})")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        try:  # the model fields: GPTConfig is the one place they are checked
+            self.model_config(vocab_size=1)
+        except ValueError as exc:
+            raise ValueError(_MODEL_FIELD.sub(lambda m: _flag(m[0]), str(exc))) from None
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"--beta1/--beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.vocab_size is not None and not 256 <= self.vocab_size <= MAX_VOCAB:
-            raise ValueError(f"--vocab-size must be in [256, {MAX_VOCAB}] for byte-level BPE, got {self.vocab_size}")
+        if self.vocab_size is not None and not MIN_BPE_VOCAB <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"--vocab-size must be in [{MIN_BPE_VOCAB}, {MAX_VOCAB}] for byte-level BPE, "
+                             f"got {self.vocab_size}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it: choose one")
         return self
 
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig of this run's model (validated), for a vocabulary of ``vocab_size``."""
+        return GPTConfig(vocab_size=vocab_size, **{f: getattr(self, f) for f in MODEL_FIELDS})
 
-# The model fields are the ones TrainConfig shares with GPTConfig (vocab_size comes from the data).
-MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
-_LIMITS = {"n_layer": 1024, "n_head": 4096, "n_embd": 65536, "block_size": 1 << 20, "batch_size": 1 << 20,
+
+# The model fields: those TrainConfig inherits from ModelOptions (vocab_size comes from the data).
+MODEL_FIELDS = tuple(f.name for f in fields(ModelOptions))
+_MODEL_FIELD = re.compile(r"\b(" + "|".join(MODEL_FIELDS) + r")\b")
+_LIMITS = {"batch_size": 1 << 20,
            "grad_accum": 1 << 16, "max_iters": 10**12, "eval_iters": 1 << 20, "sample_tokens": 1 << 20,
            "warmup_iters": 10**12, "lr_decay_iters": 10**12, "eval_interval": 10**12, "log_interval": 10**12}
 _HINTS = get_type_hints(TrainConfig)
@@ -149,7 +152,7 @@ def _flag(name):
 
 def fields_resumed_as(kind):
     """Names of the fields whose `resume` metadata is ``kind`` ("keep", "free" or "local")."""
-    return tuple(f.name for f in fields(TrainConfig) if f.metadata["resume"] == kind)
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resume", "keep") == kind)
 
 
 # nanoGPT's configs (config/train_shakespeare_char.py and its README's CPU command); like
@@ -213,11 +216,11 @@ def build_parser(prog="python -m gpt.train", description=None, preset="shakespea
                              f"{DEFAULT_PRESET['cupy']} on cupy; showing: {preset})")
     defaults = dataclasses.replace(TrainConfig(), **PRESETS[preset])
     for f in fields(TrainConfig):
-        kind, choices, default = _HINTS[f.name], f.metadata["choices"], getattr(defaults, f.name)
+        kind, choices, default = _HINTS[f.name], f.metadata.get("choices"), getattr(defaults, f.name)
         help_text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         kwargs = dict(dest=f.name, type=_converter(kind), default=argparse.SUPPRESS,
                       metavar="{" + ",".join(choices) + "}" if choices
-                      else f.metadata["metavar"] or _METAVARS.get(_inner(kind)))
+                      else f.metadata.get("metavar") or _METAVARS.get(_inner(kind)))
         if kind is bool:  # `--resume` alone means true
             kwargs.update(nargs="?", const=True)
         parser.add_argument(_flag(f.name), help=help_text, **kwargs)

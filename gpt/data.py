@@ -47,7 +47,8 @@ import numpy as np
 
 from gpt.atomic import atomic_write_bytes, remove_stale_temps
 from gpt.resources import ResourceError, check_fits
-from gpt.tokenizer import BPETokenizer, CharTokenizer, TokenizerError, tokenizer_from_json
+from gpt.tokenizer import (MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS, BPETokenizer, CharTokenizer, TokenizerError,
+                           tokenizer_from_json)
 
 __all__ = [
     "SHAKESPEARE_URL",
@@ -105,7 +106,6 @@ DOWNLOAD_TIMEOUT_S = 30.0
 _MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 # Datasets that can be prepared without --input (the text is downloaded).
 KNOWN_DATASETS = ("shakespeare_char",)
-_UINT16_LIMIT = int(np.iinfo(np.uint16).max) + 1
 
 
 class DataError(Exception):
@@ -301,18 +301,19 @@ def prepare(
     log = log or (lambda msg: None)
     data_dir = resolve_data_dir(data_dir)
 
-    if tokenizer not in ("char", "bpe"):
-        raise DataError(f"unknown tokenizer {tokenizer!r}: choose 'char' or 'bpe' (--tokenizer).")
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)} (--tokenizer).")
     if tokenizer == "bpe":
         if vocab_size is None:
             vocab_size = DEFAULT_BPE_VOCAB_SIZE
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
             raise DataError(f"vocab_size must be an integer, got {vocab_size!r} (--vocab-size).")
         vocab_size = int(vocab_size)
-        if not 0 < vocab_size <= _UINT16_LIMIT:
+        if not MIN_BPE_VOCAB <= vocab_size <= MAX_VOCAB:
             raise DataError(
-                f"vocab_size {vocab_size} is out of range: tokens are stored as uint16, so it "
-                f"must be between 1 and {_UINT16_LIMIT} (--vocab-size)."
+                f"vocab_size {vocab_size} is out of range: a byte-level BPE has at least {MIN_BPE_VOCAB} "
+                f"tokens and they are stored as uint16, so it must be between {MIN_BPE_VOCAB} and {MAX_VOCAB} "
+                f"(--vocab-size)."
             )
     elif vocab_size is not None:
         log(f"note: vocab_size={vocab_size} is ignored for the char tokenizer "
@@ -382,9 +383,9 @@ def prepare(
     t1 = time.perf_counter()
     if tokenizer == "bpe":
         log(f"trained BPE tokenizer (vocab {tok.vocab_size}) in {t1 - t0:.1f} s")
-    if tok.vocab_size > _UINT16_LIMIT:
+    if tok.vocab_size > MAX_VOCAB:
         raise DataError(
-            f"{src} has {tok.vocab_size} distinct characters, more than the {_UINT16_LIMIT} a "
+            f"{src} has {tok.vocab_size} distinct characters, more than the {MAX_VOCAB} a "
             f"uint16 token can hold; use --tokenizer bpe."
         )
     try:

@@ -119,7 +119,7 @@ class KVCache:
     it would overflow, the caller crops the context and rebuilds the cache.
     """
 
-    def __init__(self, config: GPTConfig, batch: int, xp, dtype):
+    def __init__(self, config, batch: int, xp, dtype):  # config: a GPTConfig
         hs = config.n_embd // config.n_head
         shape = (batch, config.n_head, config.block_size, hs)
         self.keys = [xp.empty(shape, dtype) for _ in range(config.n_layer)]

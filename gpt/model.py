@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -32,7 +32,23 @@ SIZE_LIMITS = {"vocab_size": 1 << 20, "block_size": 1 << 20, "n_layer": 1024, "n
 
 
 @dataclass
-class GPTConfig:
+class ModelOptions:
+    """The model's shape and architecture options: the one declaration of each model field.
+    GPTConfig adds the vocabulary (which comes from the data); gpt.config.TrainConfig
+    inherits these, so each is a `--key` option, kept on --resume, with this help text.
+    A new architecture option is one field here (with its help) and the module that uses it.
+    """
+
+    block_size: int = field(default=256, metadata={"help": "context length in tokens"})
+    n_layer: int = field(default=6, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads (must divide --n-embd)"})
+    n_embd: int = field(default=384, metadata={"help": "embedding width"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability in [0, 1)"})
+    bias: bool = field(default=True, metadata={"help": "biases in Linear layers and LayerNorms, as GPT-2"})
+
+
+@dataclass
+class GPTConfig(ModelOptions):
     """The model's shape. Validated on construction, so a bad value from a checkpoint
     or a command line fails here, with its name, before any weight is allocated.
 
@@ -41,12 +57,6 @@ class GPTConfig:
     """
 
     vocab_size: int = 65
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
 
     def __post_init__(self):
         for name, limit in SIZE_LIMITS.items():

@@ -31,6 +31,7 @@ __all__ = ["TOKENIZERS", "TokenizerError", "CharTokenizer", "BPETokenizer", "Str
 FORMAT_VERSION = 1
 TOKENIZERS = ("char", "bpe")  # the names gpt.train's --tokenizer accepts
 MAX_VOCAB = 65536  # ids must fit in uint16 for compact token files
+MIN_BPE_VOCAB = 256  # the byte tokens; every merge adds one
 MAX_TOKEN_BYTES = 64 << 20  # all tokens' bytes together; real vocabularies use a few hundred KB
 
 # GPT-2-like pre-tokenization without the third-party `regex` module. Merges never
@@ -229,8 +230,8 @@ class BPETokenizer(_Base):
         finds the next most frequent pair (ties -> lowest (a, b)).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
-                or not 256 <= vocab_size <= MAX_VOCAB:
-            raise TokenizerError(f"BPE vocab_size must be an int in [256, {MAX_VOCAB}], got {vocab_size!r}")
+                or not MIN_BPE_VOCAB <= vocab_size <= MAX_VOCAB:
+            raise TokenizerError(f"BPE vocab_size must be an int in [{MIN_BPE_VOCAB}, {MAX_VOCAB}], got {vocab_size!r}")
         if not text:
             raise TokenizerError("cannot train a BPE tokenizer on empty text")
         chunk_counts = Counter(_SPLIT.findall(text))

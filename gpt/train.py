@@ -29,7 +29,7 @@ EXIT_USAGE = 2
 
 # -- the program --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    cfg, overrides = C.from_args(argv, description=__doc__.splitlines()[0])
+    cfg, overrides = C.from_args(argv, description="Train a GPT on Tiny Shakespeare or your own text, with tinytensor.")
     stop = StopRequest()
     try:
         with stop.installed():

@@ -98,8 +98,7 @@ class Trainer:
         self.data = self._dataset(checkpoint_meta)
         meta = self.data.meta
         self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
-        self.model_config = GPTConfig(vocab_size=self.data.vocab_size,
-                                      **{f: getattr(cfg, f) for f in C.MODEL_FIELDS})
+        self.model_config = cfg.model_config(self.data.vocab_size)
         if cfg.backend == "numpy":  # (CuPy's limit is the GPU's memory, which only CuPy can tell)
             check_fits(training_bytes(self.model_config, cfg), "this configuration",
                        "lower --batch-size, --block-size, --n-embd or --n-layer")
@@ -142,10 +141,17 @@ class Trainer:
                              "resume with the same --input and --tokenizer")
         tensors, _ = load_checkpoint(self.run_dir.ckpt)
         model_state, opt_state = unpack_training_state(tensors, meta)
+        own = self.optimizer
+        if opt_state is not None and (opt_state["type"] != type(own).__name__ or len(opt_state["param_groups"]) !=
+                                      len(own.param_groups) or not all(map(_same_hyperparameters,
+                                                                           opt_state["param_groups"], own.param_groups))):
+            raise CheckpointError(f"{self.run_dir.ckpt}: its optimizer state ({opt_state['type']}, groups "
+                                  f"{[sorted(g) for g in opt_state['param_groups']]}) is not this run's "
+                                  f"{type(own).__name__}'s; start a new run")
         try:
             self.model.load_state_dict(model_state)
             if opt_state is not None:
-                self.optimizer.load_state_dict(opt_state)
+                own.load_state_dict(opt_state)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.run_dir.ckpt}: its state does not fit this model ({exc})") from None
         self.step = meta["step"]
@@ -305,6 +311,16 @@ def _png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def _same_hyperparameters(saved: dict, own: dict) -> bool:
+    """A saved parameter group has this optimizer's hyperparameters, each of the same kind
+    (a number, a flag, a tuple of as many numbers): a checkpoint must not set what we lack."""
+    def kind(v):
+        if isinstance(v, (list, tuple)):
+            return "tuple", len(v)
+        return ("flag" if isinstance(v, bool) else "number"), 0
+    return set(saved) == set(own) and all(k == "params" or kind(saved[k]) == kind(own[k]) for k in own)
 
 
 class RunLog:

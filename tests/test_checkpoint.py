@@ -66,7 +66,7 @@ def test_header_layout(tmp_path):
 
     with safe_open(str(path), framework="np") as f:
         header = f.metadata()
-    assert header["format"] == "tinytensor-ckpt-v1"
+    assert header["format"] == "tinytensor-ckpt-v2"
     assert json.loads(header["tinytensor"]) == {"x": [1, {"y": 2}]}
 
 
@@ -234,9 +234,9 @@ def test_foreign_safetensors_file(tmp_path):
 
 
 def test_wrong_format_version_or_bad_json(tmp_path):
-    p = tmp_path / "v2.safetensors"
+    p = tmp_path / "v0.safetensors"
     safetensors.numpy.save_file({"a": np.zeros(1)}, str(p),
-                                metadata={"format": "tinytensor-ckpt-v2", "tinytensor": "{}"})
+                                metadata={"format": "tinytensor-ckpt-v0", "tinytensor": "{}"})
     with pytest.raises(CheckpointError, match="format"):
         load_checkpoint(p)
     q = tmp_path / "badjson.safetensors"
@@ -604,14 +604,15 @@ TRAINING_META_CASES = [
     (("rng", "tinytensor"), _pcg(uinteger=2**40), "rng.tinytensor"),
     (("rng", "tinytensor"), "seed 3", "rng.tinytensor"),
     (("optimizer",), KeyError, "no optimizer state"),
-    (("optimizer", "steps"), {"0": -1}, "'steps'"),
-    (("optimizer", "steps"), {"999": 1}, "'steps'"),
-    (("optimizer", "steps"), {"x": 1}, "'steps'"),
+    (("optimizer", "state"), {"0": {"step": "one"}}, "'state'"),
+    (("optimizer", "state"), {"999": {"step": 1}}, "'state'"),
+    (("optimizer", "state"), {"x": {"step": 1}}, "'state'"),
+    (("optimizer", "type"), "../AdamW", "'type'"),
     (("optimizer", "param_groups"), [], "non-empty"),
-    (("optimizer", "param_groups", 0, "betas"), [0.9], "betas"),
+    (("optimizer", "param_groups", 0, "betas"), ["x", 0.9], "betas"),
     (("optimizer", "param_groups", 0, "lr"), "fast", "lr"),
     (("optimizer", "param_groups", 0, "params"), [0, 0], "0..n-1"),
-    (("optimizer", "param_groups", 0, "foreach"), True, "exactly"),
+    (("optimizer", "param_groups", 0, "Bad Key"), True, "named hyperparameters"),
 ]
 
 
@@ -677,3 +678,58 @@ def test_check_fits(monkeypatch):
         resources.check_fits(3 << 30, "the thing", "buy more")
     monkeypatch.setattr(resources, "available_memory_bytes", lambda: None)
     resources.check_fits(10**18, "anything")  # unknown: do not refuse
+
+
+# --------------------------------------------------------------------------- the format: any optimizer, v1 read
+def _stepped(optimizer_factory):
+    model = MODELS["gpt"](GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = optimizer_factory(model)
+    for _ in range(2):
+        opt.zero_grad()
+        _, loss = model(np.arange(8)[None] % 11, np.arange(1, 9)[None] % 11)
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("factory", [lambda m: m.configure_optimizers(0.1, 1e-3),
+                                     lambda m: tt.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgd-momentum"])
+def test_any_optimizers_state_round_trips(tmp_path, factory):
+    """The format names no optimizer's state: arrays become optimizer.<i>.<name> tensors,
+    scalars go to the metadata, and the state dict comes back equal."""
+    model, opt = _stepped(factory)
+    path = save_checkpoint(tmp_path / "o.safetensors", *pack_training_state(model, opt, {"step": 2}))
+    tensors, meta = load_checkpoint(path)
+    assert meta["optimizer"]["type"] == type(opt).__name__
+    _, state = unpack_training_state(tensors, meta, path)
+    want = opt.state_dict()
+    assert set(state["state"]) == set(want["state"]) and len(want["state"]) > 0
+    for i, s in want["state"].items():
+        assert set(state["state"][i]) == set(s)
+        for name, value in s.items():
+            np.testing.assert_array_equal(state["state"][i][name], value)
+    fresh_model, fresh = _stepped(factory)
+    fresh.load_state_dict(state)
+    for i, s in fresh.state_dict()["state"].items():
+        for name, value in s.items():
+            np.testing.assert_array_equal(value, want["state"][i][name])
+
+
+def test_a_v1_checkpoint_still_reads(tmp_path):
+    """Files written before the optimizer-agnostic format (AdamW's moments plus "steps")."""
+    model, opt = _stepped(lambda m: m.configure_optimizers(0.1, 1e-3))
+    tensors = dict(model.state_dict())
+    sd = opt.state_dict()
+    for i, s in sd["state"].items():
+        tensors[f"optimizer.{i}.exp_avg"], tensors[f"optimizer.{i}.exp_avg_sq"] = s["exp_avg"], s["exp_avg_sq"]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"optimizer": {"param_groups": groups, "steps": {str(i): s["step"] for i, s in sd["state"].items()}}}
+    path = tmp_path / "v1.safetensors"
+    path.write_bytes(safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                            metadata={"format": "tinytensor-ckpt-v1", "tinytensor": json.dumps(meta)}))
+    loaded, meta = load_checkpoint(path)
+    _, state = unpack_training_state(loaded, meta, path)
+    assert state["type"] == "AdamW"
+    assert {i: s["step"] for i, s in state["state"].items()} == {i: s["step"] for i, s in sd["state"].items()}
+    np.testing.assert_array_equal(state["state"][0]["exp_avg_sq"], sd["state"][0]["exp_avg_sq"])

@@ -238,6 +238,23 @@ def test_tampered_train_config_is_a_clean_error(corpus, tmp_path, capsys, change
     assert_clean_error(capsys.readouterr().err, needle)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda opt: opt["param_groups"][0].update(betas=[0.9]),       # AdamW needs two
+    lambda opt: opt["param_groups"][0].update(momentum=0.9),      # a hyperparameter AdamW lacks
+    lambda opt: opt.update(type="SGD"),
+], ids=["betas", "extra-key", "type"])
+def test_an_optimizer_state_that_is_not_this_runs_is_a_clean_error(corpus, tmp_path, capsys, edit):
+    from safetensors.numpy import save
+    out = tmp_path / "opt"
+    assert train(corpus, out, "--max-iters", 2, "--eval-interval", 2) == 0
+    tensors, meta = load_checkpoint(out / "ckpt.safetensors")
+    edit(meta["optimizer"])
+    (out / "ckpt.safetensors").write_bytes(save(tensors, metadata={"format": FORMAT, METADATA_KEY: json.dumps(meta)}))
+    capsys.readouterr()
+    assert train_cli.main(["--resume", "--max-iters", "4", "--out-dir", str(out), "--progress", "false"]) == 1
+    assert_clean_error(capsys.readouterr().err, "optimizer")
+
+
 def test_resume_never_reads_a_path_the_checkpoint_names(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "paths"
     assert train(corpus, out, "--max-iters", 2, "--eval-interval", 2) == 0
@@ -297,10 +314,10 @@ def test_help_describes_every_option_with_the_presets_values(capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--n-layer N transformer blocks (default: 2)" in text  # tiny's value, not the dataclass's
-    assert "--bias [BOOL] biases in Linear layers and LayerNorms (default: True)" in text
+    assert "--bias [BOOL] biases in Linear layers and LayerNorms, as GPT-2 (default: True)" in text
     assert "--tokenizer {char,bpe}" in text and "--model {gpt,bigram}" in text and "--backend {numpy,cupy}" in text
     with pytest.raises(SystemExit):
         train_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--bias [BOOL] biases in Linear layers and LayerNorms (default: False)" in text  # the CPU preset's
+    assert "--bias [BOOL] biases in Linear layers and LayerNorms, as GPT-2 (default: False)" in text  # the CPU preset's
     assert "--n_layer" not in text  # the underscore spelling works but does not double the help
