@@ -30,6 +30,7 @@ are then read straight into arrays of the sizes the header promised.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict, dataclass, field, fields
 import json
 import os
 import stat
@@ -45,7 +46,7 @@ from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY
                                   validate_model_meta, validate_training_meta)
 from .resources import ResourceError, check_fits
 
-__all__ = ["CheckpointError", "TensorSpec", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
+__all__ = ["CheckpointError", "TensorSpec", "TrainingState", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
            "read_model_weights", "weights_are_finite", "pack_training_state", "unpack_training_state",
            "validate_model_meta", "validate_training_meta", "FORMAT", "METADATA_KEY"]
 
@@ -258,6 +259,44 @@ def weights_are_finite(weights) -> tuple[bool, Optional[str]]:
 # A training checkpoint holds the model weights under their state-dict names,
 # the AdamW moments as "optimizer.<i>.exp_avg" / ".exp_avg_sq" (i = the
 # parameter's index in the optimizer), and everything else as JSON metadata.
+
+@dataclass
+class TrainingState:
+    """A training checkpoint's metadata: the one place its fields are named. The arrays (the
+    weights, the optimizer's state) are written and read with it.
+
+    >>> state = TrainingState.read("out/ckpt.safetensors")            # doctest: +SKIP
+    >>> model_state, optimizer_state = state.load_arrays("out/ckpt.safetensors")  # doctest: +SKIP
+    """
+
+    model_type: str
+    model_config: dict
+    train_config: dict
+    tokenizer: str  # the tokenizer's JSON
+    step: int
+    rng: dict  # {"batches": the batch generator's state, "tinytensor": tinytensor's}
+    data: dict = field(default_factory=dict)  # {"name", "source_sha256"} of the prepared dataset
+    best_val_loss: Optional[float] = None  # None until the first evaluation
+    elapsed_s: float = 0.0  # training wall time, summed over resumes
+    optimizer: Optional[dict] = None  # read from a file; written by pack_training_state
+
+    def save(self, path, model, optimizer) -> Path:
+        meta = {k: v for k, v in asdict(self).items() if k != "optimizer"}
+        return save_checkpoint(path, *pack_training_state(model, optimizer, meta))
+
+    @classmethod
+    def read(cls, path) -> "TrainingState":
+        """The checkpoint's header only, validated as untrusted input (nothing else is read)."""
+        meta, specs = read_checkpoint_metadata(path)
+        validate_model_meta(meta, path, specs)
+        validate_training_meta(meta, path, specs)
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+
+    def load_arrays(self, path):
+        """(model state dict, optimizer state dict) from the file this state was read from."""
+        tensors, _ = load_checkpoint(path)
+        return unpack_training_state(tensors, {"optimizer": self.optimizer}, path)
+
 
 def pack_training_state(model, optimizer, metadata: dict) -> tuple[dict, dict]:
     """(tensors, metadata) for ``save_checkpoint`` from a model and any tinytensor optimizer.

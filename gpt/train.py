@@ -35,12 +35,12 @@ def main(argv=None) -> int:
         with stop.installed():
             run = RunDir(cfg.out_dir)
             with run.locked():
-                meta = None
+                resumed = None
                 if cfg.resume:
-                    cfg, meta = resume_config(cfg, overrides, run)
+                    cfg, resumed = resume_config(cfg, overrides, run)
                 else:
                     run.check_fresh(cfg.overwrite)
-                return Trainer(cfg, run, meta).run(stop)
+                return Trainer(cfg, run, resumed).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

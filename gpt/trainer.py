@@ -19,9 +19,7 @@ from tinytensor.optim import warmup_cosine_lr
 
 from . import config as C
 from .atomic import atomic_write_bytes
-from .checkpoint import (CheckpointError, load_checkpoint, pack_training_state, read_checkpoint_metadata,
-                         save_checkpoint, unpack_training_state, validate_model_meta, validate_training_meta,
-                         weights_are_finite)
+from .checkpoint import CheckpointError, TrainingState, weights_are_finite
 from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
 from .resources import check_fits
@@ -43,15 +41,13 @@ def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
     """On --resume the run's settings come from its checkpoint; the command line changes only
     what it sets (e.g. --max-iters), never the model or the data. Paths and switches are never
     taken from the checkpoint (untrusted: it must not choose which files are read or written).
-    Returns (config, checkpoint metadata), reading only the checkpoint's header."""
+    Returns (config, TrainingState), reading only the checkpoint's header."""
     if not run.ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {run.ckpt}; nothing to --resume. Start a new run "
                               f"without --resume, or pass the --out-dir of the run to continue")
-    meta, specs = read_checkpoint_metadata(run.ckpt)
-    validate_model_meta(meta, run.ckpt, specs)
-    validate_training_meta(meta, run.ckpt, specs)
+    state = TrainingState.read(run.ckpt)
     try:
-        saved = C.config_from_dict(meta["train_config"])
+        saved = C.config_from_dict(state.train_config)
     except ValueError as exc:
         raise CheckpointError(f"{run.ckpt}: {exc}") from None
     for name in sorted(set(overrides) & set(C.fields_resumed_as("keep"))):
@@ -65,7 +61,7 @@ def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
         resumed = C.TrainConfig(**merged).validate()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{run.ckpt}: its training settings are invalid ({exc})") from None
-    return resumed, meta
+    return resumed, state
 
 
 def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
@@ -87,15 +83,15 @@ def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
 # -- the trainer ------------------------------------------------------------------------------------------------
 class Trainer:
     """Builds the data, model and optimizer from a resolved config (restoring a checkpoint's
-    state when ``checkpoint_meta`` is given) and runs the loop. Messages go to stderr."""
+    ``resumed`` state when given) and runs the loop. Messages go to stderr."""
 
-    def __init__(self, cfg: C.TrainConfig, run: RunDir, checkpoint_meta=None):
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None):
         self.cfg, self.run_dir = cfg, run
         self.runlog = RunLog(cfg)  # messages only, until run() opens the metrics
         self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         tt.manual_seed(cfg.seed)
-        self.data = self._dataset(checkpoint_meta)
+        self.data = self._dataset(resumed)
         meta = self.data.meta
         self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
         self.model_config = cfg.model_config(self.data.vocab_size)
@@ -106,14 +102,13 @@ class Trainer:
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          (cfg.beta1, cfg.beta2))
         self.batch_rng = np.random.default_rng(cfg.seed)
-        if checkpoint_meta is not None:
-            self._restore(checkpoint_meta)
+        if resumed is not None:
+            self._restore(resumed)
 
-    def _dataset(self, meta):
+    def _dataset(self, resumed):
         cfg, data = self.cfg, None
-        info = (meta or {}).get("data")
-        info = info if isinstance(info, dict) else {}  # absent in older checkpoints
-        if meta is not None and cfg.input is None:
+        info = resumed.data if resumed is not None else {}  # empty in older checkpoints
+        if resumed is not None and cfg.input is None:
             # a resumed run: the prepared copy in the data directory, found by name and hash
             data = find_prepared(info.get("name"), info.get("source_sha256"), cfg.tokenizer, cfg.vocab_size,
                                  cfg.data_dir)
@@ -135,12 +130,11 @@ class Trainer:
         self.runlog.message(msg)
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def _restore(self, meta):
-        if self.data.tokenizer.to_json() != meta["tokenizer"]:
+    def _restore(self, state: TrainingState):
+        if self.data.tokenizer.to_json() != state.tokenizer:
             raise UsageError("the prepared dataset's tokenizer differs from the checkpoint's; "
                              "resume with the same --input and --tokenizer")
-        tensors, _ = load_checkpoint(self.run_dir.ckpt)
-        model_state, opt_state = unpack_training_state(tensors, meta)
+        model_state, opt_state = state.load_arrays(self.run_dir.ckpt)
         own = self.optimizer
         if opt_state is not None and (opt_state["type"] != type(own).__name__ or len(opt_state["param_groups"]) !=
                                       len(own.param_groups) or not all(map(_same_hyperparameters,
@@ -154,12 +148,11 @@ class Trainer:
                 own.load_state_dict(opt_state)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{self.run_dir.ckpt}: its state does not fit this model ({exc})") from None
-        self.step = meta["step"]
-        best = meta.get("best_val_loss")  # None until the first evaluation
-        self.best_val = math.inf if best is None else float(best)
-        self.elapsed = float(meta.get("elapsed_s", 0.0))
-        self.batch_rng.bit_generator.state = meta["rng"]["batches"]
-        tt.set_rng_state(meta["rng"]["tinytensor"])
+        self.step = state.step
+        self.best_val = math.inf if state.best_val_loss is None else float(state.best_val_loss)
+        self.elapsed = float(state.elapsed_s)
+        self.batch_rng.bit_generator.state = state.rng["batches"]
+        tt.set_rng_state(state.rng["tinytensor"])
         self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
 
     def save(self, path=None):
@@ -168,19 +161,13 @@ class Trainer:
         if not finite:
             raise TrainingError(f"{bad} holds NaN/Inf at step {self.step}; not saving it. The last "
                                 f"checkpoint ({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate")
-        meta = {
-            "model_type": self.cfg.model,
-            "model_config": self.model_config.to_dict(),
-            "train_config": dataclasses.asdict(self.cfg),
-            "tokenizer": self.data.tokenizer.to_json(),
-            "data": {"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]},
-            "step": self.step,
-            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-            "elapsed_s": self.elapsed,
-            "rng": {"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
-        }
-        tensors, meta = pack_training_state(self.model, self.optimizer, meta)
-        save_checkpoint(path or self.run_dir.ckpt, tensors, meta)
+        TrainingState(
+            model_type=self.cfg.model, model_config=self.model_config.to_dict(),
+            train_config=dataclasses.asdict(self.cfg), tokenizer=self.data.tokenizer.to_json(),
+            data={"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]}, step=self.step,
+            best_val_loss=self.best_val if math.isfinite(self.best_val) else None, elapsed_s=self.elapsed,
+            rng={"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
+        ).save(path or self.run_dir.ckpt, self.model, self.optimizer)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self):
