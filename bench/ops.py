@@ -77,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: for CI")
     args = ap.parse_args(argv)
+    tt.backend.keep_freed_memory()  # as in training: temporaries do not page-fault back in every rep
     if args.quick:
         args.preset, args.reps = "tiny", 2
     cfg, batch = model_config(args.preset)

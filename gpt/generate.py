@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 import tinytensor as tt
-from tinytensor.attention import attention_weights_t
+from tinytensor.ops.attention import attention_weights_t
 
 from .checkpoint import CheckpointError, read_model_weights, weights_are_finite
 

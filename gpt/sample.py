@@ -182,6 +182,7 @@ def generate(args, out) -> None:
 def main(argv=None, out=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad option exits with code 2 and argparse's message
+    tt.backend.keep_freed_memory()  # this process decodes: keep NumPy's temporaries mapped (see backend)
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     except ValueError as exc:

@@ -30,6 +30,7 @@ EXIT_USAGE = 2
 # -- the program --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     cfg, overrides = C.from_args(argv, description="Train a GPT on Tiny Shakespeare or your own text, with tinytensor.")
+    tt.backend.keep_freed_memory()  # this process trains: keep NumPy's temporaries mapped (see backend)
     stop = StopRequest()
     try:
         with stop.installed():

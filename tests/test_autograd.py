@@ -1,6 +1,8 @@
 """Engine semantics: accumulation, graph freeing, deep graphs, no_grad, dtypes, errors, Tensor API."""
 import builtins
 import gc
+import subprocess
+import sys
 import time
 import weakref
 
@@ -10,14 +12,7 @@ import pytest
 import tinytensor as tt
 import tinytensor.functional as F
 
-
-def to_np(a):
-    return tt.backend.to_numpy(a)
-
-
-def leaf(backend_name, *shape, seed=0, dtype=np.float64):
-    data = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-    return tt.tensor(data, requires_grad=True, backend=backend_name)
+from engine_strategies import leaf, to_np
 
 
 # -- accumulation and graph lifetime ------------------------------------------------------------
@@ -298,6 +293,37 @@ def test_unknown_backend_name():
     with pytest.raises(tt.BackendError):
         tt.tensor(np.ones(2), backend="jax")
     assert issubclass(tt.BackendError, RuntimeError)
+
+
+# -- allocator tuning: a program's choice, never an import's side effect ------------------------------------
+def test_importing_tinytensor_leaves_the_allocator_alone():
+    code = ("import ctypes\n"
+            "loaded = []\n"
+            "real_cdll = ctypes.CDLL\n"
+            "ctypes.CDLL = lambda name, *a, **k: loaded.append(name) or real_cdll(name, *a, **k)\n"
+            "import tinytensor, tinytensor.nn, tinytensor.optim, tinytensor.ops\n"
+            "assert not [n for n in loaded if 'libc' in str(n)], loaded\n"
+            "assert tinytensor.backend._freed_memory_kept is False\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_once_and_can_be_switched_off(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1  # success, as glibc's
+
+    monkeypatch.setattr(tt.backend.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(tt.backend, "_freed_memory_kept", False)
+    monkeypatch.setenv("TINYTENSOR_MALLOC_TUNING", "0")
+    assert tt.backend.keep_freed_memory() is False and calls == []
+    monkeypatch.delenv("TINYTENSOR_MALLOC_TUNING")
+    assert tt.backend.keep_freed_memory() is True
+    assert tt.backend.keep_freed_memory() is True
+    assert len(calls) == 3  # three settings, applied once
 
 
 # -- Tensor API -------------------------------------------------------------------------------------------

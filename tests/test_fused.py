@@ -9,11 +9,9 @@ import pytest
 import tinytensor as tt
 import tinytensor.functional as F
 
+from engine_strategies import leaf, normal, to_np
+
 RTOL, ATOL = 1e-10, 1e-12
-
-
-def to_np(a):
-    return tt.backend.to_numpy(a)
 
 
 def compare(fused, composed, inputs, backend_name, seed=0, rtol=RTOL, atol=ATOL):
@@ -45,10 +43,6 @@ def compare(fused, composed, inputs, backend_name, seed=0, rtol=RTOL, atol=ATOL)
                                    err_msg=f"gradient of input {i}")
         checked += 1
     assert checked, "nothing to compare"
-
-
-def rnd(seed, *shape, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
 # -- compositions from basic primitives only ------------------------------------------------
@@ -119,13 +113,13 @@ SHAPES_AXES = [((5,), -1), ((3, 4), -1), ((3, 4), 0), ((2, 3, 4), 1), ((2, 1, 3)
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
 def test_softmax_matches_composition(backend_name, shape, axis):
     compare(lambda x: F.softmax(x, axis=axis), lambda x: softmax_composed(x, axis=axis),
-            [rnd(0, *shape, scale=3.0)], backend_name)
+            [normal(0, shape, 3.0)], backend_name)
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES)
 def test_log_softmax_matches_composition(backend_name, shape, axis):
     compare(lambda x: F.log_softmax(x, axis=axis), lambda x: log_softmax_composed(x, axis=axis),
-            [rnd(1, *shape, scale=3.0)], backend_name)
+            [normal(1, shape, 3.0)], backend_name)
 
 
 @pytest.mark.parametrize("shape", [(6,), (4, 5), (2, 3, 8), (3, 1)])
@@ -133,9 +127,9 @@ def test_log_softmax_matches_composition(backend_name, shape, axis):
 @pytest.mark.parametrize("eps", [1e-5, 0.1])
 def test_layer_norm_matches_composition(backend_name, shape, has_weight, has_bias, eps):
     C = shape[-1]
-    inputs = [rnd(2, *shape, scale=2.0) + 0.5]
-    inputs += [rnd(3, C) + 1.0] if has_weight else []
-    inputs += [rnd(4, C)] if has_bias else []
+    inputs = [normal(2, shape, 2.0) + 0.5]
+    inputs += [normal(3, (C,)) + 1.0] if has_weight else []
+    inputs += [normal(4, (C,))] if has_bias else []
 
     def split(params):
         return (params[0] if has_weight else None), (params[-1] if has_bias else None)
@@ -153,22 +147,22 @@ def test_cross_entropy_matches_composition(backend_name, lead, C, ignore_index):
     kwargs = {} if ignore_index is None else {"ignore_index": ignore_index}
     compare(lambda x, t: F.cross_entropy(x, t, **kwargs),
             lambda x, t: cross_entropy_composed(x, t, **kwargs),
-            [rnd(6, *lead, C, scale=2.0), targets], backend_name)
+            [normal(6, (*lead, C), 2.0), targets], backend_name)
 
 
 def test_cross_entropy_ignored_rows_get_no_gradient(backend_name):
-    x = tt.tensor(rnd(7, 4, 3), requires_grad=True, backend=backend_name)
+    x = tt.tensor(normal(7, (4, 3)), requires_grad=True, backend=backend_name)
     loss = F.cross_entropy(x, np.array([0, -1, 2, -1]))
     loss.backward()
     g = to_np(x.grad)
     assert np.all(g[[1, 3]] == 0) and np.all(np.abs(g[[0, 2]]).sum(axis=1) > 0)
-    expected = -(F.log_softmax(tt.tensor(rnd(7, 4, 3))).numpy()[[0, 2], [0, 2]]).mean()
+    expected = -(F.log_softmax(tt.tensor(normal(7, (4, 3)))).numpy()[[0, 2], [0, 2]]).mean()
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 6.0])
 def test_gelu_matches_composition(backend_name, scale):
-    compare(F.gelu, gelu_composed, [rnd(8, 4, 5, scale=scale)], backend_name)
+    compare(F.gelu, gelu_composed, [normal(8, (4, 5), scale)], backend_name)
 
 
 @pytest.mark.parametrize("x_shape,out_features", [((3, 4), 5), ((2, 3, 4), 6), ((4,), 2), ((2, 2, 3, 4), 1),
@@ -176,7 +170,8 @@ def test_gelu_matches_composition(backend_name, scale):
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_linear_matches_composition(backend_name, x_shape, out_features, has_bias):
     n_in = x_shape[-1]
-    inputs = [rnd(9, *x_shape), rnd(10, out_features, n_in)] + ([rnd(11, out_features)] if has_bias else [])
+    inputs = [normal(9, x_shape), normal(10, (out_features, n_in))]
+    inputs += [normal(11, (out_features,))] if has_bias else []
     compare(F.linear, linear_composed, inputs, backend_name)
 
 
@@ -196,7 +191,7 @@ def test_attention_matches_composition(backend_name, sq, sk, sv, causal, scale, 
 
     def composed(q, k, v):
         return attention_composed(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, seed=42)
-    compare(fused, composed, [rnd(12, *sq), rnd(13, *sk), rnd(14, *sv)], backend_name)
+    compare(fused, composed, [normal(12, sq), normal(13, sk), normal(14, sv)], backend_name)
 
 
 @pytest.mark.parametrize("B,T,n_head,hs", [(2, 5, 2, 3), (1, 1, 1, 4), (3, 4, 3, 2)])
@@ -211,11 +206,11 @@ def test_multi_head_attention_matches_composition(backend_name, B, T, n_head, hs
         heads = qkv.reshape(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
         y = attention_composed(heads[0], heads[1], heads[2], causal=causal, dropout_p=dropout_p, seed=42)
         return y.permute(0, 2, 1, 3).reshape(B, T, n_head * hs)
-    compare(fused, composed, [rnd(18, B, T, 3 * n_head * hs)], backend_name)
+    compare(fused, composed, [normal(18, (B, T, 3 * n_head * hs))], backend_name)
 
 
 def test_causal_attention_ignores_future_keys(backend_name):
-    q, k, v = (tt.tensor(rnd(s, 1, 4, 3), backend=backend_name) for s in (15, 16, 17))
+    q, k, v = (tt.tensor(normal(s, (1, 4, 3)), backend=backend_name) for s in (15, 16, 17))
     out = F.scaled_dot_product_attention(q, k, v, causal=True)
     v2 = v.numpy().copy()
     v2[:, 2:] += 100.0  # the first two queries cannot see keys 2 and 3
@@ -229,7 +224,7 @@ def test_causal_attention_ignores_future_keys(backend_name):
 @pytest.mark.parametrize("idx", [np.array([0, 2, 2, 1, 0]), np.array([[3, 3], [0, 3]]), np.array(1),
                                  np.zeros((0, 2), np.int64)])
 def test_embedding_matches_composition(backend_name, idx):
-    compare(F.embedding, embedding_composed, [idx, rnd(18, 4, 3)], backend_name)
+    compare(F.embedding, embedding_composed, [idx, normal(18, (4, 3))], backend_name)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -244,7 +239,7 @@ def test_dropout_matches_composition(backend_name, p, shape):
         u = tt.backend.rng(x.xp).random(x.shape, dtype=np.float32)
         keep = tt.tensor((u >= p).astype(np.float64), backend=x.backend)
         return x * keep * (1.0 / (1.0 - p))
-    compare(fused, composed, [rnd(20, *shape)], backend_name)
+    compare(fused, composed, [normal(20, shape)], backend_name)
 
 
 def test_dropout_keeps_about_one_minus_p_and_is_identity_when_off(backend_name):
@@ -260,7 +255,7 @@ def test_dropout_keeps_about_one_minus_p_and_is_identity_when_off(backend_name):
 # -- numerical stability -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_family_is_stable_for_huge_logits(backend_name, dtype):
-    raw = rnd(19, 4, 6, scale=1e4).astype(dtype)
+    raw = normal(19, (4, 6), 1e4).astype(dtype)
     raw[0] = 1e4  # ties at the top, too
     targets = np.array([0, 1, 5, 3])
     with warnings.catch_warnings():
@@ -290,36 +285,35 @@ def test_gelu_is_stable_for_huge_inputs(backend_name, dtype):
 
 
 # -- float32 stays float32 -----------------------------------------------------------------------------
-def _f32(backend_name, *shape, seed=0):
-    return tt.tensor(rnd(seed, *shape).astype(np.float32), requires_grad=True, backend=backend_name)
-
-
 def _fused_float32_cases(backend_name):
+    def f32(*shape):
+        return leaf(backend_name, *shape, dtype=np.float32)
+
     idx = np.array([[0, 2], [3, 3]])
     targets = np.array([1, -1, 0])
     return {
-        "softmax": (F.softmax, [_f32(backend_name, 3, 4)]),
-        "log_softmax": (F.log_softmax, [_f32(backend_name, 3, 4)]),
-        "layer_norm": (F.layer_norm, [_f32(backend_name, 2, 3, 4), _f32(backend_name, 4), _f32(backend_name, 4)]),
-        "layer_norm_plain": (F.layer_norm, [_f32(backend_name, 2, 4)]),
-        "cross_entropy": (lambda x: F.cross_entropy(x, targets), [_f32(backend_name, 3, 5)]),
-        "gelu": (F.gelu, [_f32(backend_name, 3, 4)]),
-        "embedding": (lambda w: F.embedding(idx, w), [_f32(backend_name, 4, 3)]),
-        "dropout": (lambda x: F.dropout(x, 0.3), [_f32(backend_name, 3, 4)]),
-        "linear": (F.linear, [_f32(backend_name, 2, 3, 4), _f32(backend_name, 5, 4), _f32(backend_name, 5)]),
-        "linear_no_bias": (F.linear, [_f32(backend_name, 3, 4), _f32(backend_name, 5, 4)]),
+        "softmax": (F.softmax, [f32(3, 4)]),
+        "log_softmax": (F.log_softmax, [f32(3, 4)]),
+        "layer_norm": (F.layer_norm, [f32(2, 3, 4), f32(4), f32(4)]),
+        "layer_norm_plain": (F.layer_norm, [f32(2, 4)]),
+        "cross_entropy": (lambda x: F.cross_entropy(x, targets), [f32(3, 5)]),
+        "gelu": (F.gelu, [f32(3, 4)]),
+        "embedding": (lambda w: F.embedding(idx, w), [f32(4, 3)]),
+        "dropout": (lambda x: F.dropout(x, 0.3), [f32(3, 4)]),
+        "linear": (F.linear, [f32(2, 3, 4), f32(5, 4), f32(5)]),
+        "linear_no_bias": (F.linear, [f32(3, 4), f32(5, 4)]),
         "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.2),
-                      [_f32(backend_name, 2, 3, 4), _f32(backend_name, 2, 5, 4), _f32(backend_name, 2, 5, 2)]),
+                      [f32(2, 3, 4), f32(2, 5, 4), f32(2, 5, 2)]),
         "multi_head_attention": (lambda x: F.multi_head_attention(x, 2, dropout_p=0.2),
-                                 [_f32(backend_name, 2, 3, 12)]),
+                                 [f32(2, 3, 12)]),
         "attention_scaled": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, scale=0.3),
-                             [_f32(backend_name, 3, 4), _f32(backend_name, 5, 4), _f32(backend_name, 5, 2)]),
+                             [f32(3, 4), f32(5, 4), f32(5, 2)]),
     }
 
 
 def test_fused_float32_cases_cover_every_fused_primitive():
-    from tinytensor import attention, nn_ops
-    fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ in (nn_ops.__name__, attention.__name__)}
+    from tinytensor.ops import attention, fused as fused_ops
+    fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ in (fused_ops.__name__, attention.__name__)}
     covered = {"softmax", "log_softmax", "layer_norm", "cross_entropy", "gelu", "embedding", "dropout", "linear",
                "scaled_dot_product_attention", "multi_head_attention"}
     assert fused <= covered, f"fused primitives without a float32 case: {sorted(fused - covered)}"
@@ -332,7 +326,7 @@ def test_fused_ops_keep_float32(backend_name, name):
         warnings.simplefilter("error")
         out = fn(*inputs)
         assert out.dtype == np.float32, f"{name} forward gave {out.dtype}"
-        g = out.xp.asarray(rnd(1, *out.shape).astype(np.float32))
+        g = out.xp.asarray(normal(1, out.shape).astype(np.float32))
         # the Function's own backward, before the leaves cast anything back
         raw = out._ctx.backward(g)
         raw = raw if isinstance(raw, tuple) else (raw,)

@@ -4,45 +4,23 @@
 primitive to ``tt.PRIMITIVES`` without adding a case here fails
 ``test_every_primitive_has_a_gradcheck_case``.
 """
-import os
 import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tinytensor as tt
 import tinytensor.functional as F
-from tinytensor.ops import Cast
+from tinytensor.ops.basic import Cast
 from tinytensor.tensor import Function
 from tinytensor.testing import check_grad
 
-# TT_GRADCHECK_EXAMPLES=500 for a long soak; the default keeps the file well under a minute
-SETTINGS = settings(max_examples=int(os.environ.get("TT_GRADCHECK_EXAMPLES", 20)), deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-SEEDS = st.integers(0, 2**32 - 1)
+from engine_strategies import (BROADCAST2, BROADCAST3, NONEMPTY, SEEDS, SETTINGS, SHAPES, away_from_zero, distinct,
+                               normal, positive, to_np)
+
 BS = hnp.BroadcastableShapes
-
-
-def normal(seed, shape, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
-
-
-def positive(seed, shape, low=0.5):
-    return low + np.abs(normal(seed, shape))
-
-
-def away_from_zero(seed, shape, gap=0.2):
-    rng = np.random.default_rng(seed)
-    return rng.choice([-1.0, 1.0], size=shape) * (gap + np.abs(rng.standard_normal(shape)))
-
-
-def distinct(seed, shape):
-    """Values with no ties (a scaled random permutation plus jitter), so max has no kinks nearby."""
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape, dtype=np.int64))
-    return ((rng.permutation(n) - n / 2) * 0.5 + rng.uniform(-0.1, 0.1, n)).reshape(shape)
 
 
 @st.composite
@@ -58,12 +36,6 @@ def axis_args(draw, ndim):
         return draw(st.integers(-ndim, ndim - 1)), keepdims
     axes = draw(st.lists(st.integers(0, ndim - 1), unique=True, max_size=ndim))
     return tuple(ax - ndim if draw(st.booleans()) else ax for ax in axes), keepdims
-
-
-SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4)
-NONEMPTY = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=4)
-BROADCAST2 = hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=4, min_side=0, max_side=4)
-BROADCAST3 = hnp.mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=4, min_side=0, max_side=3)
 
 
 # -- elementwise binary ---------------------------------------------------------------
@@ -152,7 +124,7 @@ def test_cast_grad_dtype_is_the_input_dtype(backend_name):
     assert raw.dtype == np.float64
     (y * y).sum().backward()
     assert x.grad.dtype == np.float64
-    np.testing.assert_allclose(tt.backend.to_numpy(x.grad), 2.0)
+    np.testing.assert_allclose(to_np(x.grad), 2.0)
 
 
 # -- reductions ---------------------------------------------------------------------------
@@ -175,7 +147,7 @@ def test_max(backend_name, shape, seed, data):
 def test_max_ties_share_the_gradient(backend_name):
     x = tt.tensor(np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]), requires_grad=True, backend=backend_name)
     x.max(axis=1).sum().backward()
-    np.testing.assert_allclose(tt.backend.to_numpy(x.grad), [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+    np.testing.assert_allclose(to_np(x.grad), [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
 
 
 # -- shapes and indexing ---------------------------------------------------------------------------
@@ -368,7 +340,7 @@ def test_embedding(backend_name, V, C, idx_shape, seed):
 def test_embedding_repeated_rows_add_up(backend_name):
     w = tt.tensor(np.zeros((4, 2)), requires_grad=True, backend=backend_name)
     F.embedding(np.array([[1, 1], [3, 1]]), w).sum().backward()
-    np.testing.assert_allclose(tt.backend.to_numpy(w.grad), [[0, 0], [3, 3], [0, 0], [1, 1]])
+    np.testing.assert_allclose(to_np(w.grad), [[0, 0], [3, 3], [0, 0], [1, 1]])
 
 
 @SETTINGS

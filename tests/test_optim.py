@@ -127,6 +127,15 @@ def _train(model, opt, x, y, steps):
         opt.step()
 
 
+def _trained_adamw(data_seed, steps):
+    """A two-group AdamW (lr 1e-2) on a fresh MLP, after ``steps`` training steps: it has state."""
+    x, y = _data(data_seed)
+    model = MLP()
+    opt = AdamW(_groups(model.parameters()), lr=1e-2)
+    _train(model, opt, x, y, steps)
+    return opt
+
+
 def test_optimizer_state_dict_round_trip_resumes_exactly():
     x, y = _data(1)
     model = MLP()
@@ -160,10 +169,7 @@ def test_optimizer_state_dict_round_trip_resumes_exactly():
 
 
 def test_optimizer_state_dict_holds_copies():
-    x, y = _data(2)
-    model = MLP()
-    opt = AdamW(_groups(model.parameters()), lr=1e-2)
-    _train(model, opt, x, y, 2)
+    opt = _trained_adamw(data_seed=2, steps=2)
     sd = opt.state_dict()
     first = opt._params()[0]
     before = opt.state[id(first)]["exp_avg"].copy()
@@ -180,11 +186,7 @@ def test_optimizer_state_dict_holds_copies():
 
 
 def test_optimizer_load_state_dict_rejects_mismatched_groups():
-    x, y = _data(3)
-    model = MLP()
-    opt = AdamW(_groups(model.parameters()), lr=1e-2)
-    _train(model, opt, x, y, 1)
-    sd = opt.state_dict()
+    sd = _trained_adamw(data_seed=3, steps=1).state_dict()
 
     one_group = AdamW(MLP().parameters(), lr=1e-2)
     with pytest.raises(ValueError, match="parameter groups"):

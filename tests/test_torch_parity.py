@@ -20,6 +20,8 @@ import pytest
 import tinytensor as tt
 import tinytensor.functional as F
 
+from engine_strategies import normal
+
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
@@ -35,11 +37,13 @@ class Case:
     in_graph: bool = True  # the primitive shows up in the recorded graph (not for ops on non-grad inputs)
 
 
-def normal(*shapes):
-    return lambda r: [r.standard_normal(s) for s in shapes]
+def normal_inputs(*shapes):
+    """A Case's ``make``: one standard-normal array per shape, drawn from the case's generator."""
+    return lambda r: [normal(r, s) for s in shapes]
 
 
-def positive(*shapes):
+def positive_inputs(*shapes):
+    """A Case's ``make``: one array per shape, uniform in [0.2, 3)."""
     return lambda r: [r.uniform(0.2, 3.0, s) for s in shapes]
 
 
@@ -98,105 +102,105 @@ def _sdpa(causal, **kw):
 
 CASES: dict[str, list[Case]] = {
     "add": [
-        Case("same", normal((3, 4), (3, 4)), lambda a, b: a + b, lambda a, b: a + b),
-        Case("broadcast", normal((2, 1, 4), (3, 1)), lambda a, b: a + b, lambda a, b: a + b),
-        Case("size1", normal((1, 5), (1, 1)), lambda a, b: a + b, lambda a, b: a + b),
-        Case("scalar", normal((3, 4), ()), lambda a, b: a + b, lambda a, b: a + b),
+        Case("same", normal_inputs((3, 4), (3, 4)), lambda a, b: a + b, lambda a, b: a + b),
+        Case("broadcast", normal_inputs((2, 1, 4), (3, 1)), lambda a, b: a + b, lambda a, b: a + b),
+        Case("size1", normal_inputs((1, 5), (1, 1)), lambda a, b: a + b, lambda a, b: a + b),
+        Case("scalar", normal_inputs((3, 4), ()), lambda a, b: a + b, lambda a, b: a + b),
     ],
     "mul": [
-        Case("same", normal((3, 4), (3, 4)), lambda a, b: a * b, lambda a, b: a * b),
-        Case("broadcast", normal((2, 3, 1), (1, 4)), lambda a, b: a * b, lambda a, b: a * b),
-        Case("self", normal((4,)), lambda a: a * a, lambda a: a * a),
-        Case("python_number", normal((2, 3)), lambda a: a * 0.5, lambda a: a * 0.5),
+        Case("same", normal_inputs((3, 4), (3, 4)), lambda a, b: a * b, lambda a, b: a * b),
+        Case("broadcast", normal_inputs((2, 3, 1), (1, 4)), lambda a, b: a * b, lambda a, b: a * b),
+        Case("self", normal_inputs((4,)), lambda a: a * a, lambda a: a * a),
+        Case("python_number", normal_inputs((2, 3)), lambda a: a * 0.5, lambda a: a * 0.5),
     ],
     "neg": [
-        Case("2d", normal((3, 4)), lambda a: -a, lambda a: -a),
-        Case("size1", normal((1, 4, 1)), lambda a: -a, lambda a: -a),
+        Case("2d", normal_inputs((3, 4)), lambda a: -a, lambda a: -a),
+        Case("size1", normal_inputs((1, 4, 1)), lambda a: -a, lambda a: -a),
     ],
     "pow": [
-        Case("square", normal((3, 4)), lambda a: a ** 2, lambda a: a ** 2),
-        Case("cube_size1", normal((1, 5)), lambda a: a ** 3, lambda a: a ** 3),
-        Case("sqrt", positive((4, 3)), lambda a: a ** 0.5, lambda a: a ** 0.5),
-        Case("neg_frac", positive((2, 3)), lambda a: a ** -1.5, lambda a: a ** -1.5),
+        Case("square", normal_inputs((3, 4)), lambda a: a ** 2, lambda a: a ** 2),
+        Case("cube_size1", normal_inputs((1, 5)), lambda a: a ** 3, lambda a: a ** 3),
+        Case("sqrt", positive_inputs((4, 3)), lambda a: a ** 0.5, lambda a: a ** 0.5),
+        Case("neg_frac", positive_inputs((2, 3)), lambda a: a ** -1.5, lambda a: a ** -1.5),
     ],
     "exp": [
-        Case("2d", normal((3, 4)), F.exp, torch.exp),
-        Case("size1", normal((1, 3, 1)), F.exp, torch.exp),
+        Case("2d", normal_inputs((3, 4)), F.exp, torch.exp),
+        Case("size1", normal_inputs((1, 3, 1)), F.exp, torch.exp),
     ],
     "log": [
-        Case("2d", positive((3, 4)), F.log, torch.log),
-        Case("size1", positive((1, 6)), F.log, torch.log),
+        Case("2d", positive_inputs((3, 4)), F.log, torch.log),
+        Case("size1", positive_inputs((1, 6)), F.log, torch.log),
     ],
     "tanh": [
-        Case("2d", normal((3, 4)), F.tanh, torch.tanh),
+        Case("2d", normal_inputs((3, 4)), F.tanh, torch.tanh),
         Case("extreme", _extreme, F.tanh, torch.tanh),
     ],
     "sigmoid": [
-        Case("2d", normal((3, 4)), F.sigmoid, torch.sigmoid),
+        Case("2d", normal_inputs((3, 4)), F.sigmoid, torch.sigmoid),
         Case("extreme", _extreme, F.sigmoid, torch.sigmoid),
     ],
     "relu": [
         Case("with_zeros", _relu_input, F.relu, torch.relu),
-        Case("size1", normal((1, 1, 4)), F.relu, torch.relu),
+        Case("size1", normal_inputs((1, 1, 4)), F.relu, torch.relu),
     ],
     "sum": [
-        Case("all", normal((3, 4)), lambda a: a.sum(), lambda a: a.sum()),
-        Case("axis1", normal((2, 3, 4)), lambda a: a.sum(axis=1), lambda a: a.sum(dim=1)),
-        Case("axes_keepdims", normal((2, 3, 4)), lambda a: a.sum(axis=(0, 2), keepdims=True),
+        Case("all", normal_inputs((3, 4)), lambda a: a.sum(), lambda a: a.sum()),
+        Case("axis1", normal_inputs((2, 3, 4)), lambda a: a.sum(axis=1), lambda a: a.sum(dim=1)),
+        Case("axes_keepdims", normal_inputs((2, 3, 4)), lambda a: a.sum(axis=(0, 2), keepdims=True),
              lambda a: a.sum(dim=(0, 2), keepdim=True)),
-        Case("neg_axis_size1", normal((3, 1)), lambda a: a.sum(axis=-1), lambda a: a.sum(dim=-1)),
+        Case("neg_axis_size1", normal_inputs((3, 1)), lambda a: a.sum(axis=-1), lambda a: a.sum(dim=-1)),
     ],
     "max": [
-        Case("all", normal((3, 4)), lambda a: a.max(), lambda a: torch.amax(a)),
-        Case("axis", normal((2, 3, 4)), lambda a: a.max(axis=1), lambda a: torch.amax(a, dim=1)),
+        Case("all", normal_inputs((3, 4)), lambda a: a.max(), lambda a: torch.amax(a)),
+        Case("axis", normal_inputs((2, 3, 4)), lambda a: a.max(axis=1), lambda a: torch.amax(a, dim=1)),
         Case("ties_axis", _ties, lambda a: a.max(axis=-1), lambda a: torch.amax(a, dim=-1)),
         Case("ties_axes_keepdims", _ties, lambda a: a.max(axis=(0, 2), keepdims=True),
              lambda a: torch.amax(a, dim=(0, 2), keepdim=True)),
         Case("ties_all", _ties, lambda a: a.max(), lambda a: torch.amax(a)),
-        Case("size1", normal((1, 5)), lambda a: a.max(axis=0), lambda a: torch.amax(a, dim=0)),
+        Case("size1", normal_inputs((1, 5)), lambda a: a.max(axis=0), lambda a: torch.amax(a, dim=0)),
     ],
     "reshape": [
-        Case("merge", normal((2, 3, 4)), lambda a: a.reshape(6, 4), lambda a: a.reshape(6, 4)),
-        Case("infer", normal((2, 3, 4)), lambda a: a.reshape(-1, 2), lambda a: a.reshape(-1, 2)),
-        Case("size1", normal((4, 1)), lambda a: a.reshape(1, 2, 2), lambda a: a.reshape(1, 2, 2)),
-        Case("to_scalar", normal((1, 1)), lambda a: a.reshape(()), lambda a: a.reshape(())),
-        Case("of_transpose", normal((3, 4)), lambda a: a.T.reshape(12), lambda a: a.T.reshape(12)),
+        Case("merge", normal_inputs((2, 3, 4)), lambda a: a.reshape(6, 4), lambda a: a.reshape(6, 4)),
+        Case("infer", normal_inputs((2, 3, 4)), lambda a: a.reshape(-1, 2), lambda a: a.reshape(-1, 2)),
+        Case("size1", normal_inputs((4, 1)), lambda a: a.reshape(1, 2, 2), lambda a: a.reshape(1, 2, 2)),
+        Case("to_scalar", normal_inputs((1, 1)), lambda a: a.reshape(()), lambda a: a.reshape(())),
+        Case("of_transpose", normal_inputs((3, 4)), lambda a: a.T.reshape(12), lambda a: a.T.reshape(12)),
     ],
     "permute": [
-        Case("3d", normal((2, 3, 4)), lambda a: a.permute(2, 0, 1), lambda a: a.permute(2, 0, 1)),
-        Case("neg_axes", normal((2, 3, 4)), lambda a: a.permute(-1, -3, -2), lambda a: a.permute(-1, -3, -2)),
-        Case("transpose_size1", normal((1, 3, 5)), lambda a: a.transpose(0, 2), lambda a: a.transpose(0, 2)),
-        Case("T", normal((3, 4)), lambda a: a.T, lambda a: a.T),
+        Case("3d", normal_inputs((2, 3, 4)), lambda a: a.permute(2, 0, 1), lambda a: a.permute(2, 0, 1)),
+        Case("neg_axes", normal_inputs((2, 3, 4)), lambda a: a.permute(-1, -3, -2), lambda a: a.permute(-1, -3, -2)),
+        Case("transpose_size1", normal_inputs((1, 3, 5)), lambda a: a.transpose(0, 2), lambda a: a.transpose(0, 2)),
+        Case("T", normal_inputs((3, 4)), lambda a: a.T, lambda a: a.T),
     ],
     "get_item": [
-        Case("int", normal((3, 4)), lambda a: a[1], lambda a: a[1]),
-        Case("slices", normal((4, 5, 3)), lambda a: a[1:, ::2, -1], lambda a: a[1:, ::2, -1]),
-        Case("none_ellipsis", normal((2, 3, 4)), lambda a: a[None, ..., 1:3], lambda a: a[None, ..., 1:3]),
-        Case("int_array_repeats", normal((4, 3)), lambda a: a[np.array([0, 2, 0, 0])],
+        Case("int", normal_inputs((3, 4)), lambda a: a[1], lambda a: a[1]),
+        Case("slices", normal_inputs((4, 5, 3)), lambda a: a[1:, ::2, -1], lambda a: a[1:, ::2, -1]),
+        Case("none_ellipsis", normal_inputs((2, 3, 4)), lambda a: a[None, ..., 1:3], lambda a: a[None, ..., 1:3]),
+        Case("int_array_repeats", normal_inputs((4, 3)), lambda a: a[np.array([0, 2, 0, 0])],
              lambda a: a[torch.tensor([0, 2, 0, 0])]),
-        Case("bool_mask", normal((4, 3)), lambda a: a[np.array([True, False, True, True])],
+        Case("bool_mask", normal_inputs((4, 3)), lambda a: a[np.array([True, False, True, True])],
              lambda a: a[torch.tensor([True, False, True, True])]),
-        Case("mixed", normal((4, 5)), lambda a: a[np.array([3, 1, 3]), 1:4],
+        Case("mixed", normal_inputs((4, 5)), lambda a: a[np.array([3, 1, 3]), 1:4],
              lambda a: a[torch.tensor([3, 1, 3]), 1:4]),
-        Case("two_arrays", normal((4, 5)), lambda a: a[np.array([0, 0, 2]), np.array([1, 1, 4])],
+        Case("two_arrays", normal_inputs((4, 5)), lambda a: a[np.array([0, 0, 2]), np.array([1, 1, 4])],
              lambda a: a[torch.tensor([0, 0, 2]), torch.tensor([1, 1, 4])]),
-        Case("reverse", normal((4, 2)), lambda a: a[::-1], lambda a: a.flip(0)),
+        Case("reverse", normal_inputs((4, 2)), lambda a: a[::-1], lambda a: a.flip(0)),
     ],
     "cat": [
-        Case("axis0", normal((2, 3), (4, 3)), lambda a, b: tt.cat([a, b]), lambda a, b: torch.cat([a, b])),
-        Case("axis_neg_three", normal((2, 1), (2, 3), (2, 2)), lambda a, b, c: tt.cat([a, b, c], axis=-1),
+        Case("axis0", normal_inputs((2, 3), (4, 3)), lambda a, b: tt.cat([a, b]), lambda a, b: torch.cat([a, b])),
+        Case("axis_neg_three", normal_inputs((2, 1), (2, 3), (2, 2)), lambda a, b, c: tt.cat([a, b, c], axis=-1),
              lambda a, b, c: torch.cat([a, b, c], dim=-1)),
-        Case("same_twice", normal((2, 3)), lambda a: tt.cat([a, a], axis=1), lambda a: torch.cat([a, a], dim=1)),
+        Case("same_twice", normal_inputs((2, 3)), lambda a: tt.cat([a, a], axis=1), lambda a: torch.cat([a, a], dim=1)),
     ],
     "mat_mul": [
-        Case("2d", normal((3, 4), (4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("size1", normal((1, 4), (4, 1)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("batched", normal((2, 3, 4), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("batched_broadcast", normal((2, 1, 3, 4), (5, 4, 2)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("matrix_times_batch", normal((3, 4), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("vec_mat", normal((4,), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("mat_vec", normal((2, 3, 4), (4,)), lambda a, b: a @ b, lambda a, b: a @ b),
-        Case("vec_vec", normal((4,), (4,)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("2d", normal_inputs((3, 4), (4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("size1", normal_inputs((1, 4), (4, 1)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("batched", normal_inputs((2, 3, 4), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("batched_broadcast", normal_inputs((2, 1, 3, 4), (5, 4, 2)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("matrix_times_batch", normal_inputs((3, 4), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("vec_mat", normal_inputs((4,), (2, 4, 5)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("mat_vec", normal_inputs((2, 3, 4), (4,)), lambda a, b: a @ b, lambda a, b: a @ b),
+        Case("vec_vec", normal_inputs((4,), (4,)), lambda a, b: a @ b, lambda a, b: a @ b),
     ],
     "where": [
         Case("same", _where_case((3, 4), (3, 4), (3, 4)), tt.where, torch.where),
@@ -207,10 +211,10 @@ CASES: dict[str, list[Case]] = {
              lambda c, a: tt.where(c, a, 0.0), lambda c, a: torch.where(c, a, 0.0)),
     ],
     "cast": [
-        Case("to_other_float", normal((3, 4)),
+        Case("to_other_float", normal_inputs((3, 4)),
              lambda a: a.astype(np.float32 if a.dtype == np.float64 else np.float64),
              lambda a: a.to(torch.float32 if a.dtype == torch.float64 else torch.float64)),
-        Case("to_same", normal((2, 3)), lambda a: a.astype(a.dtype), lambda a: a.to(a.dtype)),
+        Case("to_same", normal_inputs((2, 3)), lambda a: a.astype(a.dtype), lambda a: a.to(a.dtype)),
         Case("to_int", lambda r: [r.standard_normal((3, 4)) * 5], lambda a: a.astype(np.int64),
              lambda a: a.to(torch.int64), in_graph=False),  # an int result records nothing, as in torch
         Case("to_int_and_back", lambda r: [r.standard_normal((3, 4)) * 5],
@@ -220,29 +224,30 @@ CASES: dict[str, list[Case]] = {
              lambda i, a: i.astype(a.dtype) * a, lambda i, a: i.to(a.dtype) * a, in_graph=False),
     ],
     "softmax": [
-        Case("last", normal((3, 5)), F.softmax, lambda a: torch.softmax(a, dim=-1)),
-        Case("axis0", normal((4, 3, 2)), lambda a: F.softmax(a, axis=0), lambda a: torch.softmax(a, dim=0)),
-        Case("size1", normal((3, 1)), F.softmax, lambda a: torch.softmax(a, dim=-1)),
+        Case("last", normal_inputs((3, 5)), F.softmax, lambda a: torch.softmax(a, dim=-1)),
+        Case("axis0", normal_inputs((4, 3, 2)), lambda a: F.softmax(a, axis=0), lambda a: torch.softmax(a, dim=0)),
+        Case("size1", normal_inputs((3, 1)), F.softmax, lambda a: torch.softmax(a, dim=-1)),
         Case("extreme", _extreme, F.softmax, lambda a: torch.softmax(a, dim=-1)),
     ],
     "log_softmax": [
-        Case("last", normal((3, 5)), F.log_softmax, lambda a: torch.log_softmax(a, dim=-1)),
-        Case("axis1", normal((2, 4, 3)), lambda a: F.log_softmax(a, axis=1), lambda a: torch.log_softmax(a, dim=1)),
-        Case("size1", normal((1, 4)), F.log_softmax, lambda a: torch.log_softmax(a, dim=-1)),
+        Case("last", normal_inputs((3, 5)), F.log_softmax, lambda a: torch.log_softmax(a, dim=-1)),
+        Case("axis1", normal_inputs((2, 4, 3)), lambda a: F.log_softmax(a, axis=1),
+             lambda a: torch.log_softmax(a, dim=1)),
+        Case("size1", normal_inputs((1, 4)), F.log_softmax, lambda a: torch.log_softmax(a, dim=-1)),
         Case("extreme", _extreme, F.log_softmax, lambda a: torch.log_softmax(a, dim=-1)),
     ],
     "layer_norm": [
         Case("affine", lambda r: [r.standard_normal((2, 3, 8)) * 3 + 1, 1 + 0.3 * r.standard_normal(8),
                                   r.standard_normal(8)],
              lambda x, w, b: F.layer_norm(x, w, b), lambda x, w, b: TF.layer_norm(x, (8,), w, b)),
-        Case("plain", normal((4, 6)), F.layer_norm, lambda x: TF.layer_norm(x, (6,))),
-        Case("weight_only", normal((3, 5), (5,)), lambda x, w: F.layer_norm(x, w),
+        Case("plain", normal_inputs((4, 6)), F.layer_norm, lambda x: TF.layer_norm(x, (6,))),
+        Case("weight_only", normal_inputs((3, 5), (5,)), lambda x, w: F.layer_norm(x, w),
              lambda x, w: TF.layer_norm(x, (5,), w)),
-        Case("bias_only", normal((3, 5), (5,)), lambda x, b: F.layer_norm(x, bias=b),
+        Case("bias_only", normal_inputs((3, 5), (5,)), lambda x, b: F.layer_norm(x, bias=b),
              lambda x, b: TF.layer_norm(x, (5,), None, b)),
-        Case("size1_eps", normal((1, 7), (7,), (7,)), lambda x, w, b: F.layer_norm(x, w, b, eps=1e-3),
+        Case("size1_eps", normal_inputs((1, 7), (7,), (7,)), lambda x, w, b: F.layer_norm(x, w, b, eps=1e-3),
              lambda x, w, b: TF.layer_norm(x, (7,), w, b, eps=1e-3)),
-        Case("vector", normal((6,), (6,), (6,)), lambda x, w, b: F.layer_norm(x, w, b),
+        Case("vector", normal_inputs((6,), (6,), (6,)), lambda x, w, b: F.layer_norm(x, w, b),
              lambda x, w, b: TF.layer_norm(x, (6,), w, b)),
     ],
     "cross_entropy": [
@@ -256,9 +261,9 @@ CASES: dict[str, list[Case]] = {
              lambda x, t: TF.cross_entropy(x, t, ignore_index=-1)),
     ],
     "gelu": [
-        Case("2d", normal((3, 4)), F.gelu, lambda a: TF.gelu(a, approximate="tanh")),
+        Case("2d", normal_inputs((3, 4)), F.gelu, lambda a: TF.gelu(a, approximate="tanh")),
         Case("extreme", _extreme, F.gelu, lambda a: TF.gelu(a, approximate="tanh")),
-        Case("size1", normal((1, 5)), F.gelu, lambda a: TF.gelu(a, approximate="tanh")),
+        Case("size1", normal_inputs((1, 5)), F.gelu, lambda a: TF.gelu(a, approximate="tanh")),
     ],
     "embedding": [
         Case("2d_idx_repeats", lambda r: [np.array([[0, 2, 2], [4, 0, 2]]), r.standard_normal((5, 3))],
@@ -267,53 +272,53 @@ CASES: dict[str, list[Case]] = {
         Case("size1", lambda r: [np.array([[0]]), r.standard_normal((1, 2))], F.embedding, TF.embedding),
     ],
     "linear": [
-        Case("bias_3d", normal((2, 3, 4), (5, 4), (5,)), F.linear, TF.linear),
-        Case("no_bias", normal((6, 4), (3, 4)), F.linear, TF.linear),
-        Case("vector_in", normal((4,), (2, 4), (2,)), F.linear, TF.linear),
-        Case("size1", normal((1, 1, 3), (1, 3), (1,)), F.linear, TF.linear),
+        Case("bias_3d", normal_inputs((2, 3, 4), (5, 4), (5,)), F.linear, TF.linear),
+        Case("no_bias", normal_inputs((6, 4), (3, 4)), F.linear, TF.linear),
+        Case("vector_in", normal_inputs((4,), (2, 4), (2,)), F.linear, TF.linear),
+        Case("size1", normal_inputs((1, 1, 3), (1, 3), (1,)), F.linear, TF.linear),
     ],
     "scaled_dot_product_attention": [
-        Case("causal", normal((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)), _sdpa(True),
+        Case("causal", normal_inputs((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        Case("full", normal((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 6)), _sdpa(False),
+        Case("full", normal_inputs((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 6)), _sdpa(False),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=False)),
-        Case("full_tq_ne_tk", normal((2, 3, 4), (2, 6, 4), (2, 6, 5)), _sdpa(False),
+        Case("full_tq_ne_tk", normal_inputs((2, 3, 4), (2, 6, 4), (2, 6, 5)), _sdpa(False),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v)),
         # our causal mask aligns the queries with the last keys (KV-cache decoding); torch's
         # is_causal aligns them with the first, so compare against the explicit lower-right mask
-        Case("causal_tq_lt_tk", normal((1, 2, 3, 4), (1, 2, 6, 4), (1, 2, 6, 4)), _sdpa(True),
+        Case("causal_tq_lt_tk", normal_inputs((1, 2, 3, 4), (1, 2, 6, 4), (1, 2, 6, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask_lower_right(3, 6))),
-        Case("causal_scale", normal((1, 4, 8), (1, 4, 8), (1, 4, 8)), _sdpa(True, scale=0.3),
+        Case("causal_scale", normal_inputs((1, 4, 8), (1, 4, 8), (1, 4, 8)), _sdpa(True, scale=0.3),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)),
-        Case("broadcast_kv", normal((2, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)), _sdpa(True),
+        Case("broadcast_kv", normal_inputs((2, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        Case("single_query", normal((2, 1, 4), (2, 1, 4), (2, 1, 4)), _sdpa(True),
+        Case("single_query", normal_inputs((2, 1, 4), (2, 1, 4), (2, 1, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
     ],
     "multi_head_attention": [
-        Case("causal_4_heads", normal((2, 5, 24)), lambda x: F.multi_head_attention(x, 4), _torch_mha(4)),
-        Case("full_1_head", normal((3, 4, 6)), lambda x: F.multi_head_attention(x, 1, causal=False),
+        Case("causal_4_heads", normal_inputs((2, 5, 24)), lambda x: F.multi_head_attention(x, 4), _torch_mha(4)),
+        Case("full_1_head", normal_inputs((3, 4, 6)), lambda x: F.multi_head_attention(x, 1, causal=False),
              _torch_mha(1, causal=False)),
-        Case("one_token", normal((2, 1, 12)), lambda x: F.multi_head_attention(x, 2), _torch_mha(2)),
+        Case("one_token", normal_inputs((2, 1, 12)), lambda x: F.multi_head_attention(x, 2), _torch_mha(2)),
     ],
     # composites (no primitive of their own), compared all the same
     "var": [
-        Case("all", normal((3, 4)), lambda a: a.var(), lambda a: a.var()),
-        Case("axis", normal((3, 4, 2)), lambda a: a.var(axis=1), lambda a: a.var(dim=1)),
-        Case("keepdims_correction0", normal((3, 4)), lambda a: F.var(a, axis=-1, keepdims=True, correction=0),
+        Case("all", normal_inputs((3, 4)), lambda a: a.var(), lambda a: a.var()),
+        Case("axis", normal_inputs((3, 4, 2)), lambda a: a.var(axis=1), lambda a: a.var(dim=1)),
+        Case("keepdims_correction0", normal_inputs((3, 4)), lambda a: F.var(a, axis=-1, keepdims=True, correction=0),
              lambda a: torch.var(a, dim=-1, keepdim=True, correction=0)),
-        Case("axes", normal((2, 3, 4)), lambda a: a.var(axis=(0, 2)), lambda a: a.var(dim=(0, 2))),
+        Case("axes", normal_inputs((2, 3, 4)), lambda a: a.var(axis=(0, 2)), lambda a: a.var(dim=(0, 2))),
     ],
     "mean": [
-        Case("axis", normal((3, 4)), lambda a: a.mean(axis=0), lambda a: a.mean(dim=0)),
-        Case("all", normal((2, 1, 3)), lambda a: a.mean(), lambda a: a.mean()),
+        Case("axis", normal_inputs((3, 4)), lambda a: a.mean(axis=0), lambda a: a.mean(dim=0)),
+        Case("all", normal_inputs((2, 1, 3)), lambda a: a.mean(), lambda a: a.mean()),
     ],
     "sub_div": [
         Case("broadcast", lambda r: [r.standard_normal((2, 3)), r.uniform(0.5, 2, (3,))],
              lambda a, b: (a - b) / b - 1.0 / a.exp() + 2 - a, lambda a, b: (a - b) / b - 1.0 / a.exp() + 2 - a),
     ],
     "sqrt": [
-        Case("2d", positive((3, 4)), lambda a: a.sqrt(), torch.sqrt),
+        Case("2d", positive_inputs((3, 4)), lambda a: a.sqrt(), torch.sqrt),
     ],
 }
 

@@ -8,7 +8,7 @@
 >>> loss.backward(); x.grad.shape
 (4, 3)
 """
-from . import attention, backend, functional, nn_ops, ops  # noqa: F401  (ops register the primitives)
+from . import backend, functional, ops  # noqa: F401  (importing ops registers the primitives)
 from .backend import BackendError, cupy_available, get_rng_state, manual_seed, set_rng_state
 from .functional import cat, stack, where
 from .tensor import (PRIMITIVES, Tensor, arange, enable_grad, full, is_grad_enabled, no_grad, ones, rand,

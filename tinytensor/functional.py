@@ -2,7 +2,8 @@
 
 Composites (``sub``, ``div``, ``mean``, ``var``, ``sqrt``, ``stack``, ``split``,
 ``masked_fill``...) are built from primitives, so they need no backward of
-their own. The Tensor methods and operators at the bottom map onto these.
+their own. The Tensor operators and methods (declared in ``tensor.py``) call
+these: ``a + b`` is ``add(a, b)``, ``x.sum(0)`` is ``sum(x, 0)``.
 
 >>> import numpy as np, tinytensor as tt, tinytensor.functional as F
 >>> logits = tt.randn(4, 5, requires_grad=True)
@@ -16,9 +17,9 @@ import builtins
 
 import numpy as np
 
-from . import attention as A
-from . import nn_ops as N
-from . import ops as P
+from .ops import attention as A
+from .ops import basic as P
+from .ops import fused as N
 from .tensor import DEFAULT_DTYPE, Tensor, _is_float
 
 
@@ -109,6 +110,11 @@ def sigmoid(a):
 
 def relu(a):
     return P.Relu.apply(a)
+
+
+def cast(a, dtype):
+    """``a`` as ``dtype`` (``Tensor.astype``); a cast to an integer dtype carries no gradient."""
+    return P.Cast.apply(a, dtype=np.dtype(dtype))
 
 
 def gelu(a):
@@ -266,38 +272,3 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 def multi_head_attention(qkv, n_head, causal=True, dropout_p=0.0):
     """Self-attention of packed q, k, v projections (B, T, 3C) with n_head heads -> (B, T, C), fused."""
     return A.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
-
-
-# -- Tensor methods and operators -----------------------------------------------------------------
-def _compare(op):
-    def method(self, other):
-        other = other.data if isinstance(other, Tensor) else other
-        return Tensor._wrap(op(self.data, other))
-    return method
-
-
-def _bind_methods():
-    T = Tensor
-    T.__add__ = T.__radd__ = add
-    T.__mul__ = T.__rmul__ = mul
-    T.__sub__ = sub
-    T.__rsub__ = lambda self, other: sub(_lift(other, self), self)
-    T.__truediv__ = div
-    T.__rtruediv__ = lambda self, other: div(_lift(other, self), self)
-    T.__pow__ = pow
-    T.__rpow__ = lambda self, other: pow(_lift(other, self), self)
-    T.__matmul__ = matmul
-    T.__rmatmul__ = lambda self, other: matmul(_lift(other, self), self)
-    T.__neg__ = neg
-    T.__getitem__ = getitem
-    for name, op in (("__lt__", np.less), ("__le__", np.less_equal), ("__gt__", np.greater),
-                     ("__ge__", np.greater_equal), ("__eq__", np.equal), ("__ne__", np.not_equal)):
-        setattr(T, name, _compare(op))
-    T.__hash__ = object.__hash__  # tensors stay usable as dict keys despite __eq__
-    for fn in (sum, mean, max, var, reshape, permute, transpose, exp, log, sqrt, tanh, relu,
-               sigmoid, split, softmax, log_softmax, matmul):
-        setattr(T, fn.__name__, fn)
-    T.view = reshape
-
-
-_bind_methods()

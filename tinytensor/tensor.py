@@ -1,9 +1,12 @@
 """Tensor, the autograd graph and the backward pass.
 
 A Tensor wraps one backend array (``.data``). An op is a ``Function`` (see
-``ops.py``): its ``forward`` computes on arrays and keeps what ``backward`` will
+``ops/``): its ``forward`` computes on arrays and keeps what ``backward`` will
 need on the Function object; ``Function.apply`` wraps the result in a Tensor
-that remembers the Function (``_ctx``) when a gradient is wanted.
+that remembers the Function (``_ctx``) when a gradient is wanted. The Tensor
+operators and methods (``+``, ``@``, ``.sum()``...) are declared in the class
+below; each calls the ``tinytensor.functional`` function it names (``+`` is
+``F.add``), except the comparisons, which are plain array ops without a graph.
 
 >>> import numpy as np, tinytensor as tt
 >>> x = tt.tensor(np.array([1.0, 2.0]), requires_grad=True)
@@ -124,6 +127,42 @@ def _is_float(dtype) -> bool:
     return np.issubdtype(dtype, np.floating)
 
 
+class _DeferredFunctional:
+    """Stands in for ``tinytensor.functional`` until a Tensor operator first needs it.
+
+    functional (and the ops under it) import this module, so this module cannot
+    import functional at its top. The first attribute looked up here imports it
+    and puts the module itself in ``F``'s place: from then on ``F.add`` in the
+    Tensor operators is a plain module-attribute lookup, with nothing deferred left.
+    """
+
+    def __getattr__(self, name):
+        global F
+        from . import functional
+        F = functional
+        return getattr(functional, name)
+
+
+F = _DeferredFunctional()  # tinytensor.functional, from the first Tensor operator on
+
+
+def _comparison(op):
+    """A Tensor comparison: a bool tensor outside the graph (no gradient), as in PyTorch."""
+    def compare(self, other):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor._wrap(op(self.data, other))
+    return compare
+
+
+def _functional_method(name):
+    """A Tensor method that is ``tinytensor.functional.<name>`` with the tensor first."""
+    def method(self, *args, **kwargs):
+        return getattr(F, name)(self, *args, **kwargs)
+    method.__name__, method.__qualname__ = name, f"Tensor.{name}"
+    method.__doc__ = f"``tinytensor.functional.{name}`` with this tensor first."
+    return method
+
+
 class Tensor:
     """An n-dimensional array with reverse-mode autodiff.
 
@@ -212,8 +251,79 @@ class Tensor:
         return self.astype(DEFAULT_DTYPE)
 
     def astype(self, dtype) -> "Tensor":
-        from .ops import Cast
-        return Cast.apply(self, dtype=np.dtype(dtype))
+        return F.cast(self, dtype)
+
+    # -- operators and methods ----------------------------------------------------
+    # Each calls the tinytensor.functional function named in it, with this tensor
+    # first; a number on either side of an arithmetic operator is lifted to this
+    # tensor's dtype and backend. The operators are written out because they are
+    # the hot path: a def that calls F.add costs ~40 ns on top of F.add itself.
+    def __add__(self, other):
+        return F.add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __sub__(self, other):
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        return F.sub(F._lift(other, self), self)
+
+    def __truediv__(self, other):
+        return F.div(self, other)
+
+    def __rtruediv__(self, other):
+        return F.div(F._lift(other, self), self)
+
+    def __pow__(self, exponent):
+        return F.pow(self, exponent)
+
+    def __rpow__(self, base):
+        return F.pow(F._lift(base, self), self)
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return F.matmul(F._lift(other, self), self)
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __getitem__(self, index):
+        return F.getitem(self, index)
+
+    __lt__ = _comparison(np.less)
+    __le__ = _comparison(np.less_equal)
+    __gt__ = _comparison(np.greater)
+    __ge__ = _comparison(np.greater_equal)
+    __eq__ = _comparison(np.equal)
+    __ne__ = _comparison(np.not_equal)
+    __hash__ = object.__hash__  # tensors stay usable as dict keys despite __eq__
+
+    # methods, with F's arguments: x.sum(axis=0) is F.sum(x, axis=0), and so on
+    sum = _functional_method("sum")
+    mean = _functional_method("mean")
+    max = _functional_method("max")
+    var = _functional_method("var")
+    reshape = view = _functional_method("reshape")
+    permute = _functional_method("permute")
+    transpose = _functional_method("transpose")
+    split = _functional_method("split")
+    matmul = _functional_method("matmul")
+    exp = _functional_method("exp")
+    log = _functional_method("log")
+    sqrt = _functional_method("sqrt")
+    tanh = _functional_method("tanh")
+    sigmoid = _functional_method("sigmoid")
+    relu = _functional_method("relu")
+    softmax = _functional_method("softmax")
+    log_softmax = _functional_method("log_softmax")
 
     # -- autograd ---------------------------------------------------------------
     def backward(self, grad=None) -> None:

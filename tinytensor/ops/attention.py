@@ -1,7 +1,7 @@
 """Attention primitives: scaled dot-product attention, and multi-head self-attention
 on packed q/k/v projections (what the GPT uses), sharing one implementation.
 
-Fused for the same reasons as ``nn_ops`` (and checked against the composed form
+Fused for the same reasons as ``ops.fused`` (and checked against the composed form
 in ``tests/test_fused.py``): the attention matrix is the only large thing kept
 for backward, and it is kept transposed, (..., keys, queries), because NumPy
 reduces over a non-last axis twice as fast as over a short last one.
@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 
-from . import backend
-from .backend import xp_of
-from .ops import unbroadcast
-from .tensor import Function, register
+from .. import backend
+from ..backend import xp_of
+from ..tensor import Function, register
+from .basic import unbroadcast
 
 _mask_cache: dict = {}
 

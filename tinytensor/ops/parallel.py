@@ -14,7 +14,7 @@ call on the whole arrays), so callers never branch on the backend.
 
 >>> import numpy as np
 >>> x = np.arange(8.0).reshape(4, 2); out = np.empty_like(x)
->>> for_row_chunks(lambda a, o: np.multiply(a, 2, out=o), x, out, min_size=0)
+>>> _ = for_row_chunks(lambda a, o: np.multiply(a, 2, out=o), x, out, min_size=0)
 >>> out[:, 0]
 array([ 0.,  4.,  8., 12.])
 """

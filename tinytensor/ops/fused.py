@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from . import backend
-from .backend import xp_of
+from .. import backend
+from ..backend import xp_of
+from ..tensor import Function, register
 from .parallel import for_row_chunks
-from .tensor import Function, register
 
 
 @register

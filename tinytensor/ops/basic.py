@@ -4,14 +4,16 @@ Each primitive is one class with ``forward`` and ``backward`` side by side,
 registered once in ``tensor.PRIMITIVES``. ``backward`` gets the gradient of the
 output and returns one gradient per input (None where an input takes none).
 Arrays only: ``xp`` is the inputs' array module (NumPy or CuPy).
+``unbroadcast`` below is the one place broadcasting is undone: the binary ops
+here and the attention ops (``ops.attention``) call it.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import backend
-from .backend import xp_of
-from .tensor import Function, register
+from .. import backend
+from ..backend import xp_of
+from ..tensor import Function, register
 
 
 def unbroadcast(grad, shape):
