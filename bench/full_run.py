@@ -11,8 +11,6 @@ other, so a busy machine skews them: rerun and compare.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -21,6 +19,8 @@ import time
 
 import numpy as np
 
+import tinytensor as tt
+from bench.common import finish, import_torch, machine, parser
 from gpt import config as C
 from gpt import train
 from gpt.data import get_batch, prepare
@@ -43,13 +43,10 @@ def run_torch(cfg: C.TrainConfig, torch_rng=False):
     import torch
 
     from bench.torch_gpt import TorchGPT
-    from gpt.model import GPTConfig
     t = time.perf_counter()
     data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, log=None)
     torch.manual_seed(cfg.seed)
-    mcfg = GPTConfig(vocab_size=data.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
-    model = TorchGPT(mcfg)
+    model = TorchGPT(cfg.model_config(data.vocab_size))
     opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     rng = np.random.default_rng(cfg.seed)
     decay = cfg.lr_decay_iters or cfg.max_iters
@@ -85,15 +82,13 @@ def run_torch(cfg: C.TrainConfig, torch_rng=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.full_run", description=__doc__.splitlines()[0])
+    ap = parser("python -m bench.full_run", __doc__, "shakespeare_char_cpu", "20 steps: for CI", backend=False)
     ap.add_argument("--input", help="the Tiny Shakespeare text (default: download / data/ cache)")
-    ap.add_argument("--preset", default="shakespeare_char_cpu")
-    ap.add_argument("--quick", action="store_true", help="20 steps: for CI")
-    ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-rng", action="store_true",
                     help="PyTorch draws its own batches with torch.randint, exactly as nanoGPT does")
     ap.add_argument("--seed", type=int, help="override the preset's seed (both sides)")
     args = ap.parse_args(argv)
+    tt.backend.keep_freed_memory()
     argv = ["--preset", args.preset] + (["--input", args.input] if args.input else [])
     if args.quick:
         argv += ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--sample-tokens", "0"]
@@ -107,9 +102,9 @@ def main(argv=None):
             wall, val = run_ours(argv, out)
         result["tinytensor"] = {"wall_s": round(wall, 1), "val_loss": round(val, 4)}
         print(f"tinytensor: {cfg.max_iters} steps in {wall:.1f} s, final val loss {val:.4f}", file=sys.stderr)
-    if not args.no_torch and importlib.util.find_spec("torch") is None:
-        print("pytorch   : not installed (pip install torch==2.13.0); measured our side only", file=sys.stderr)
-    elif not args.no_torch:
+    torch = import_torch(args.no_torch)  # after ours has run
+    result["machine"] = machine(torch)
+    if torch is not None:
         twall, tval = run_torch(cfg, torch_rng=args.torch_rng)
         result["pytorch"] = {"wall_s": round(twall, 1), "val_loss": round(tval, 4)}
         print(f"pytorch   : {cfg.max_iters} steps in {twall:.1f} s, final val loss {tval:.4f}", file=sys.stderr)
@@ -117,7 +112,7 @@ def main(argv=None):
             result["wall_ratio"] = round(wall / twall, 3)
             print(f"wall-time ratio tinytensor / pytorch: {wall / twall:.3f}x", file=sys.stderr)
     print(json.dumps(result))
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

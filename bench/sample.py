@@ -9,39 +9,32 @@ their greedy outputs should match too (up to float32 ties).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
 import numpy as np
 
 import tinytensor as tt
-from bench.train_step import model_config
+from bench.common import finish, import_torch, machine, model_config, parser, take_turns
 from gpt.model import GPT
 
 
-def tokens_per_s(fns, n_tokens, repeats):
-    """Median tokens/s of each fn, run in turns `repeats` times (the machine is noisy)."""
+def tokens_per_s(fns, n_tokens, repeats, pause=0.5):
+    """Median tokens/s of each fn, run in turns (``take_turns``) `repeats` times (the machine
+    is noisy), and each fn's output."""
     rates, outs = [[] for _ in fns], [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            outs[i] = fn()
-            rates[i].append(n_tokens / (time.perf_counter() - t))
+    for _, i in take_turns(range(len(fns)), repeats, pause):
+        t = time.perf_counter()
+        outs[i] = fns[i]()
+        rates[i].append(n_tokens / (time.perf_counter() - t))
     return [float(np.median(r)) for r in rates], outs
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.sample", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="shakespeare_char")
-    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap = parser("python -m bench.sample", __doc__, "shakespeare_char", "tiny model, 20 tokens: for CI")
     ap.add_argument("--new-tokens", type=int, default=255)
-    ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each decoder, in turns; medians reported")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 20 tokens: for CI")
-    ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    tt.backend.keep_freed_memory()
     if args.quick:
         args.preset, args.new_tokens, args.repeats = "tiny", 20, 1
     cfg, _ = model_config(args.preset)
@@ -51,21 +44,16 @@ def main(argv=None):
     model = GPT(cfg).to(args.backend)
     prompt = np.zeros((1, 1), dtype=np.int64)
     n = args.new_tokens
-    result = {"preset": args.preset, "backend": args.backend, "new_tokens": n}
+    torch = import_torch(args.no_torch)
+    result = {"preset": args.preset, "backend": args.backend, "new_tokens": n, "machine": machine(torch)}
     decoders = [lambda: model.generate(prompt, n, temperature=0, kv_cache=True),
                 lambda: model.generate(prompt, n, temperature=0, kv_cache=False)]
     torch_model = None
-    if not args.no_torch:
-        try:
-            import torch
-
-            from bench.torch_gpt import TorchGPT, load_from_tinytensor
-        except ImportError:
-            print("torch is not installed: skipping the PyTorch side", file=sys.stderr)
-        else:
-            torch_model = TorchGPT(cfg).eval()
-            load_from_tinytensor(torch_model, {k: tt.backend.to_numpy(v) for k, v in model.state_dict().items()})
-            decoders.append(lambda: torch_model.generate(torch.from_numpy(prompt), n).numpy())
+    if torch is not None:
+        from bench.torch_gpt import TorchGPT, load_from_tinytensor
+        torch_model = TorchGPT(cfg).eval()
+        load_from_tinytensor(torch_model, model.state_dict())
+        decoders.append(lambda: torch_model.generate(torch.from_numpy(prompt), n).numpy())
     rates, outs = tokens_per_s(decoders, n, args.repeats)
     cached_tps, full_tps = rates[:2]
     cached, full = outs[:2]
@@ -82,10 +70,7 @@ def main(argv=None):
                       same_as_torch=bool((tout == cached).all()))
         print(f"  pytorch recompute   : {torch_tps:9.1f} tokens/s   (KV cache vs pytorch "
               f"{cached_tps / torch_tps:.1f}x, same tokens: {result['same_as_torch']})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

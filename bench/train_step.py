@@ -6,15 +6,15 @@
 
 The step is written with the public API only, as a user would. With torch
 installed, a PyTorch eager model of the same shape (bench/torch_gpt.py) is
-timed in the same process, alternating step by step, with the same threads and
-batches; the ratio of medians is what to quote (this machine is shared and
-noisy, absolute numbers drift). Peak memory of each side is measured in a
-fresh subprocess (the growth of peak RSS over the steps).
+timed in the same process, the two taking turns in blocks of 10 steps with
+pauses (``bench.common.take_turns``), with the same threads and batches; the
+ratio of medians is what to quote (this machine is shared and noisy, absolute
+numbers drift). Peak memory of each side is measured in a fresh subprocess
+(the growth of peak RSS over the steps).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,16 +24,8 @@ import time
 import numpy as np
 
 import tinytensor as tt
-from gpt.config import PRESETS, TrainConfig
+from bench.common import finish, import_torch, machine, model_config, parser, take_turns
 from gpt.model import GPT, GPTConfig
-
-VOCAB = 65  # Tiny Shakespeare's characters
-
-
-def model_config(preset):
-    p = {**TrainConfig().__dict__, **PRESETS[preset]}
-    return GPTConfig(vocab_size=VOCAB, block_size=p["block_size"], n_layer=p["n_layer"], n_head=p["n_head"],
-                     n_embd=p["n_embd"], dropout=p["dropout"], bias=p["bias"]), p["batch_size"]
 
 
 def matmul_gflops(xp=np, n=1024, reps=10):
@@ -48,21 +40,6 @@ def matmul_gflops(xp=np, n=1024, reps=10):
             c.sum().get()  # wait for the GPU
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
-
-
-def thread_counts(sides):
-    """The threads each side computes with (the comparison needs them equal)."""
-    counts = {}
-    try:
-        from threadpoolctl import threadpool_info
-        counts["numpy_blas"] = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
-                                   default=None)
-    except ImportError:
-        counts["numpy_blas"] = None
-    if any(s.name == "pytorch" for s in sides):
-        import torch
-        counts["torch"] = torch.get_num_threads()
-    return counts
 
 
 def step_flops(cfg: GPTConfig, batch: int) -> float:
@@ -123,22 +100,19 @@ def batches(cfg, batch, n, seed=0):
 
 
 def time_steps(sides, cfg, batch, steps, warmup, block=10, pause=0.5):
-    """Per-side lists of step times (s). The sides take turns in blocks of `block` steps on
-    the same batches, with a pause between blocks: both libraries' worker threads spin for
-    a while after their last call, and a side timed while the other's threads still spin
-    on the two cores looks slower than it is."""
+    """Per-side lists of step times (s). The sides take turns (``take_turns``) in blocks of
+    `block` steps on the same batches."""
     data = list(batches(cfg, batch, warmup + steps))
     for side in sides:  # warm-up: allocators, BLAS buffers, optimizer state
         for x, y in data[:warmup]:
             side.step(x, y)
     times = {s.name: [] for s in sides}
-    for b, start in enumerate(range(warmup, warmup + steps, block)):
-        for side in (sides if b % 2 == 0 else sides[::-1]):
-            time.sleep(pause)
-            for x, y in data[start:start + block]:
-                t = time.perf_counter()
-                side.step(x, y)
-                times[side.name].append(time.perf_counter() - t)
+    for b, side in take_turns(sides, math.ceil(steps / block), pause):
+        start = warmup + b * block
+        for x, y in data[start:start + block]:
+            t = time.perf_counter()
+            side.step(x, y)
+            times[side.name].append(time.perf_counter() - t)
     return times
 
 
@@ -155,6 +129,7 @@ def measure_step_memory(side, preset, backend, steps):
     (run in a fresh process): activations, temporaries, gradients and optimizer state,
     everything a step adds on top of the model's weights and the data."""
     import ctypes
+    tt.backend.keep_freed_memory()  # as main() does: this process measures the same allocator
     cfg, batch = model_config(preset)
     s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
     data = list(batches(cfg, batch, steps))
@@ -178,36 +153,30 @@ def peak_memory_mb(side, preset, backend, steps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    ap.add_argument("--preset", default="shakespeare_char_cpu", choices=sorted(PRESETS))
+    ap = parser("python -m bench.train_step", __doc__, "shakespeare_char_cpu", "4 steps, tiny preset: for CI")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-torch", action="store_true", help="time tinytensor only")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--quick", action="store_true", help="2 steps, tiny preset: for CI")
-    ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    tt.backend.keep_freed_memory()
     if args.quick:
         args.preset, args.steps, args.warmup = "tiny", 4, 1
     cfg, batch = model_config(args.preset)
     xp = tt.backend.get_xp(args.backend)
     sides = [Ours(cfg, batch, args.backend)]
-    if not args.no_torch:
-        try:
-            sides.append(Torch(cfg, batch, args.backend))
-        except ImportError:
-            print("torch is not installed: timing tinytensor only", file=sys.stderr)
+    torch = import_torch(args.no_torch)
+    if torch is not None:
+        sides.append(Torch(cfg, batch, args.backend))
     rate = matmul_gflops(xp)
     times = time_steps(sides, cfg, batch, args.steps, args.warmup)
     flops = step_flops(cfg, batch)
     tokens = batch * cfg.block_size
-    result = {"preset": args.preset, "backend": args.backend, "steps": args.steps,
-              "threads": thread_counts(sides),
+    result = {"preset": args.preset, "backend": args.backend, "steps": args.steps, "machine": machine(torch),
               "matmul_gflops": round(rate, 1), "step_gflop": round(flops / 1e9, 3)}
     print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, block {cfg.block_size}, batch {batch}), "
           f"backend {args.backend}, {args.steps} steps after {args.warmup} warm-up; "
-          f"float32 matmul here: {rate:.0f} GFLOP/s; threads {result['threads']}")
+          f"float32 matmul here: {rate:.0f} GFLOP/s; {result['machine']['cpu']}, "
+          f"threads {result['machine']['threads']}")
     for side in sides:
         ms = statistics.median(times[side.name]) * 1000
         mfu = flops / (ms / 1000) / (rate * 1e9)
@@ -228,10 +197,7 @@ def main(argv=None):
         if len(sides) == 2 and result["pytorch"]["peak_mb"] > 0:
             result["memory_ratio"] = round(result["tinytensor"]["peak_mb"] / result["pytorch"]["peak_mb"], 3)
             print(f"  memory ratio tinytensor / pytorch: {result['memory_ratio']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return finish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -187,18 +187,29 @@ def _converter(tp):
     if tp is bool:
         return _parse_bool
     if tp in (int, float):
-        what = "an integer" if tp is int else "a finite number"
-
-        def to_number(s):
-            try:
-                value = tp(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-            if not math.isfinite(value):
-                raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-            return value
-        return to_number
+        return number_arg(tp)
     return str
+
+
+def number_arg(kind=float, lo=None, hi=None):
+    """An argparse ``type``: an int or a finite float, optionally in [lo, hi]; a bad value
+    gets a message with what was expected and what was given (the programs share it).
+
+    >>> number_arg(int, 0, 9)("7"), number_arg(float)("1e-3")
+    (7, 0.001)
+    """
+    what = ("an integer" if kind is int else "a finite number") + \
+        (f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser(prog="python -m gpt.train", description=None, preset="shakespeare_char_cpu"):

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # before the heavy imports: a Ctrl-C while NumPy loa
     exit_quietly_on_signals()
 
 import argparse
-import math
 import os
 import stat
 import sys
@@ -27,6 +26,7 @@ from tinytensor.backend import BACKENDS
 
 from .checkpoint import CheckpointError
 from .generate import check_sampling_args, load_model
+from .config import number_arg
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 
@@ -34,29 +34,6 @@ MAX_NEW_TOKENS = 1_000_000
 MAX_NUM_SAMPLES = 1000
 MAX_PROMPT_BYTES = 16 << 20  # longer prompts are cut to block_size tokens anyway
 SEPARATOR = "---------------\n"
-
-
-def _int_in(lo: int, hi: int):
-    """An argparse type: an integer in [lo, hi], else a message with the range and the value."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
-        return value
-    return parse
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def build_parser():
@@ -75,18 +52,18 @@ def build_parser():
     src.add_argument("--prompt-file", "--prompt_file", dest="prompt_file", metavar="PATH",
                      help="read the prompt from a UTF-8 text file (default: use --prompt)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", metavar="N",
-                   type=_int_in(0, MAX_NEW_TOKENS), default=500,
+                   type=number_arg(int, 0, MAX_NEW_TOKENS), default=500,
                    help=f"tokens to generate per sample, 0..{MAX_NEW_TOKENS:,} (default: %(default)s)")
-    p.add_argument("--temperature", type=_finite_float, default=0.8, metavar="X",
+    p.add_argument("--temperature", type=number_arg(float), default=0.8, metavar="X",
                    help="divide the logits by X; 0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", "--top_k", dest="top_k", type=_int_in(1, 2**31 - 1), default=200, metavar="K",
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=number_arg(int, 1, 2**31 - 1), default=200, metavar="K",
                    help="sample among the K most likely tokens only, K >= 1 (default: %(default)s)")
-    p.add_argument("--top-p", "--top_p", dest="top_p", type=_finite_float, default=None, metavar="P",
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=number_arg(float), default=None, metavar="P",
                    help="sample from the smallest set of tokens whose probability reaches P, 0 < P <= 1 "
                         "(default: off)")
-    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=1337, metavar="N",
+    p.add_argument("--seed", type=number_arg(int, 0, 2**32 - 1), default=1337, metavar="N",
                    help="random seed in [0, 2**32); sample i uses seed + i (default: %(default)s)")
-    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=_int_in(1, MAX_NUM_SAMPLES),
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=number_arg(int, 1, MAX_NUM_SAMPLES),
                    default=1, metavar="N", help=f"samples to draw, 1..{MAX_NUM_SAMPLES} (default: %(default)s)")
     p.add_argument("--no-kv-cache", "--no_kv_cache", dest="kv_cache", action="store_false",
                    help="recompute the whole context for every token (slower; for comparison)")

@@ -1,9 +1,11 @@
-"""Shared fixtures: every engine test runs on NumPy, and on CuPy when a GPU is present."""
+"""Shared fixtures: every engine test runs on NumPy, and on CuPy when a GPU is present;
+text to train on comes from ``textgen`` (generated) or the local Tiny Shakespeare copy."""
 from pathlib import Path
 
 import pytest
 
 import tinytensor as tt
+from textgen import make_text
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -45,3 +47,19 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     tt.manual_seed(0)
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    """``make_text()`` (about 16 KB of play-like lines) in ``tmp_path / "corpus.txt"``."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_shakespeare():
+    """The path of the local Tiny Shakespeare copy (../shared/data); skips the test without one."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"no local Tiny Shakespeare copy at {SHAKESPEARE}")
+    return SHAKESPEARE

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench import ops, sample, train_step
+from bench import common, ops, sample, train_step
 
 
 def test_train_step_quick_reports_fields():
@@ -29,7 +29,7 @@ def test_ops_quick_runs():
 
 
 def test_step_flops_counts_parameters():
-    cfg, batch = train_step.model_config("shakespeare_char_cpu")
+    cfg, batch = common.model_config("shakespeare_char_cpu")
     # 6 FLOPs per parameter per token dominate: at least that many
     n_params = cfg.n_layer * 12 * cfg.n_embd ** 2
     assert train_step.step_flops(cfg, batch) >= 6 * n_params * batch * cfg.block_size
@@ -37,20 +37,26 @@ def test_step_flops_counts_parameters():
 
 @pytest.mark.parametrize("preset", ["tiny", "shakespeare_char_cpu"])
 def test_model_config_matches_preset(preset):
-    cfg, batch = train_step.model_config(preset)
+    cfg, batch = common.model_config(preset)
     assert cfg.vocab_size == 65 and batch >= 1
 
 
-def test_full_run_quick_trains_both_sides(tmp_path, monkeypatch):
+def test_full_run_quick_trains_both_sides(corpus_file, tmp_path, monkeypatch):
     import gpt.data
     from bench import full_run
     monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", tmp_path / "data")
-    rng = __import__("numpy").random.default_rng(0)
-    words = "the king queen lord lady night day love hath thou shall come speak fair noble".split()
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(400)) + "\n")
-    r = full_run.main(["--quick", "--preset", "tiny", "--input", str(corpus)])
+    r = full_run.main(["--quick", "--preset", "tiny", "--input", str(corpus_file)])
     assert r["tinytensor"]["wall_s"] > 0 and math.isfinite(r["tinytensor"]["val_loss"])
     if "pytorch" in r:
         # same batches, same recipe: the two should land close together
         assert abs(r["pytorch"]["val_loss"] - r["tinytensor"]["val_loss"]) < 0.5
+
+
+def test_sides_take_turns_in_alternating_order():
+    turns = list(common.take_turns(["ours", "torch"], 3, pause=0))
+    assert turns == [(0, "ours"), (0, "torch"), (1, "torch"), (1, "ours"), (2, "ours"), (2, "torch")]
+
+
+def test_machine_names_the_cpu_and_threads():
+    info = common.machine()
+    assert info["cpu"] and info["cores"] >= 1 and "numpy_blas" in info["threads"]

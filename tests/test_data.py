@@ -9,7 +9,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,25 +17,9 @@ from hypothesis import given, settings, strategies as st
 from gpt import data as gdata
 from gpt.data import DataError, Dataset, get_batch, prepare
 from gpt.tokenizer import BPETokenizer, CharTokenizer
+from textgen import VARIED_WORDS, make_text
 
-SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
-
-
-def make_text(n_sentences=700, seed=0):
-    """~20 KB of varied sentences, with a few non-ASCII characters."""
-    rng = np.random.default_rng(seed)
-    subjects = ["The king", "A fool", "My lord", "The queen", "Sweet Juliet", "Old Gonzalo", "Café owner"]
-    verbs = ["speaks of", "dreams of", "fears", "loves", "forgets", "remembers", "sings to"]
-    objects = ["the sea", "a crown", "the night", "his brother", "the storm", "a rose", "naïve hearts"]
-    ends = [".", "!", "?", ";", "..."]
-    lines = []
-    for _ in range(n_sentences):
-        s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(ends)}"
-        lines.append(s)
-    return "\n".join(lines) + "\n"
-
-
-TEXT = make_text()
+TEXT = make_text(n_lines=700, words=VARIED_WORDS)  # ~22 KB, some of it non-ASCII
 
 
 @pytest.fixture
@@ -184,14 +167,14 @@ def test_bpe_cache_is_reused(text_file, data_dir, monkeypatch):
 
 def test_changed_source_is_reprepared(text_file, data_dir):
     first = prepare(input_path=text_file, data_dir=data_dir, log=None)
-    new_text = make_text(n_sentences=500, seed=1) + "Zebra Xylophone Quartz\n"
+    new_text = make_text(n_lines=500, seed=1, words=VARIED_WORDS) + "Zebra Xylophone Quartz\n"
     text_file.write_text(new_text, encoding="utf-8")
     logs = []
     second = prepare(input_path=text_file, data_dir=data_dir, log=logs.append)
     assert second.dir == first.dir
     assert not any("using prepared dataset" in m for m in logs)
     assert second.tokenizer.decode(tokens(second).tolist()) == new_text
-    assert second.vocab_size > first.vocab_size  # Z, X, Q are new characters
+    assert second.vocab_size > first.vocab_size  # Z and X are new characters (Q is in "Queen")
     meta = json.loads((second.dir / "meta.json").read_text())
     assert meta["source_sha256"] == hashlib.sha256(new_text.encode()).hexdigest()
     assert meta["n_chars"] == len(new_text)
@@ -302,9 +285,8 @@ def test_edited_file_named_shakespeare_does_not_take_the_real_name(tmp_path, dat
     assert ds.name.endswith("_char")
 
 
-@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason="no local Tiny Shakespeare copy")
-def test_real_tiny_shakespeare(data_dir, no_network):
-    ds = prepare("shakespeare_char", input_path=SHARED_SHAKESPEARE, data_dir=data_dir, log=None)
+def test_real_tiny_shakespeare(tiny_shakespeare, data_dir, no_network):
+    ds = prepare("shakespeare_char", input_path=tiny_shakespeare, data_dir=data_dir, log=None)
     assert ds.name == "shakespeare_char"
     assert ds.vocab_size == 65
     assert len(ds.train) + len(ds.val) == 1115394

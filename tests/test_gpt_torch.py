@@ -1,8 +1,10 @@
-"""Our GPT against a PyTorch GPT written here (nanoGPT's architecture), after llm.c's
-test_gpt2: load our weights into the torch model by name, then compare logits, loss,
-the gradient of every parameter, and the losses of 10 AdamW steps with clipping."""
+"""Our GPT against the PyTorch reference (bench/torch_gpt.py: nanoGPT's architecture, with
+attention written out), after llm.c's test_gpt2: load our weights into the torch model by
+name, then compare logits, loss, the gradient of every parameter, and the losses of 10
+AdamW steps with clipping, each model's optimizer from its own ``configure_optimizers``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,98 +14,28 @@ import tinytensor as tt
 from gpt.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-TF = torch.nn.functional
+from bench.torch_gpt import TIED, TorchGPT, load_from_tinytensor  # noqa: E402  (needs torch)
 
-CONFIG = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+CONFIG = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
 BATCH = 4
 
 
-
-
-
-
-# -- the reference: nanoGPT's model, in PyTorch ----------------------------------------------------------
-class CausalSelfAttention(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.n_head = c["n_head"]
-        self.c_attn = nn.Linear(c["n_embd"], 3 * c["n_embd"], bias=c["bias"])
-        self.c_proj = nn.Linear(c["n_embd"], c["n_embd"], bias=c["bias"])
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # written out rather than F.scaled_dot_product_attention, so the reference is explicit
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.c_fc = nn.Linear(c["n_embd"], 4 * c["n_embd"], bias=c["bias"])
-        self.c_proj = nn.Linear(4 * c["n_embd"], c["n_embd"], bias=c["bias"])
-
-    def forward(self, x):
-        return self.c_proj(TF.gelu(self.c_fc(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(c["n_embd"], eps=1e-5, bias=c["bias"])
-        self.attn = CausalSelfAttention(c)
-        self.ln_2 = nn.LayerNorm(c["n_embd"], eps=1e-5, bias=c["bias"])
-        self.mlp = MLP(c)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TorchGPT(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(c["vocab_size"], c["n_embd"]),
-            wpe=nn.Embedding(c["block_size"], c["n_embd"]),
-            h=nn.ModuleList([Block(c) for _ in range(c["n_layer"])]),
-            ln_f=nn.LayerNorm(c["n_embd"], eps=1e-5, bias=c["bias"]),
-        ))
-        self.lm_head = nn.Linear(c["n_embd"], c["vocab_size"], bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
-
-    def forward(self, idx, targets=None):
-        B, T = idx.shape
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None if targets is None else TF.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-
 # -- helpers -----------------------------------------------------------------------------------------------------
-def make_pair(seed=0, dtype=np.float32, scale=1.0):
-    """Our model and the torch one holding the same weights (``scale`` multiplies the 2-D ones)."""
+def make_pair(seed=0, dtype=np.float32, scale=1.0, config=CONFIG):
+    """Our model and the torch reference (explicit attention) holding the same weights
+    (``scale`` multiplies the 2-D ones)."""
     tt.manual_seed(seed)
-    ours = GPT(GPTConfig(**CONFIG))
+    ours = GPT(config)
     for p in ours.parameters():
         if p.ndim == 2:
             p.data *= scale
         if dtype != np.float32:
             p.data = p.data.astype(dtype)
-    ref = TorchGPT(CONFIG)
+    ref = TorchGPT(config, flash=False)
     if dtype == np.float64:
         ref = ref.double()
-    result = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()},
-                                 strict=False)
-    assert result.missing_keys == ["lm_head.weight"]  # tied to wte: loaded through it
+    result = load_from_tinytensor(ref, ours.state_dict())
+    assert result.missing_keys == ["lm_head.weight"] == list(TIED)  # tied to wte: loaded through it
     assert result.unexpected_keys == []
     assert ref.lm_head.weight is ref.transformer.wte.weight
     ref_sd = ref.state_dict()
@@ -114,12 +46,21 @@ def make_pair(seed=0, dtype=np.float32, scale=1.0):
     return ours, ref
 
 
-def batch(seed, B=BATCH, T=CONFIG["block_size"], learnable=False):
+def batch(seed, B=BATCH, T=CONFIG.block_size, learnable=False):
     """(x, y) int64 (B, T); ``learnable``: y follows from x by a fixed rule, so training can lower the loss."""
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, CONFIG["vocab_size"], (B, T))
-    y = (x * 7 + 3) % CONFIG["vocab_size"] if learnable else rng.integers(0, CONFIG["vocab_size"], (B, T))
+    x = rng.integers(0, CONFIG.vocab_size, (B, T))
+    y = (x * 7 + 3) % CONFIG.vocab_size if learnable else rng.integers(0, CONFIG.vocab_size, (B, T))
     return x, y
+
+
+def backward_both(ours, ref, x, y):
+    """The loss of (x, y) on both models, back-propagated; returns both losses."""
+    _, loss = ours(x, y)
+    loss.backward()
+    _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    ref_loss.backward()
+    return loss.item(), ref_loss.item()
 
 
 def assert_close_scaled(ours, ref, rtol, atol_rel, what):
@@ -132,11 +73,20 @@ TOLS = {np.float32: dict(rtol=1e-4, atol_rel=1e-5), np.float64: dict(rtol=1e-9, 
 
 
 # -- the tests -----------------------------------------------------------------------------------------------------
-def test_reference_has_the_same_parameter_names():
-    ours, ref = make_pair()
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_reference_has_the_same_parameter_names(bias):
+    ours, ref = make_pair(config=dataclasses.replace(CONFIG, bias=bias))
     ref_names = [n for n, _ in ref.named_parameters()]  # torch lists a shared parameter once
     assert ref_names == [n for n, _ in ours.named_parameters()]
     assert set(ref.state_dict()) == set(ours.state_dict()) | {"lm_head.weight"}
+
+
+def test_reference_refuses_an_option_it_does_not_implement():
+    @dataclasses.dataclass
+    class NewConfig(GPTConfig):
+        rope: bool = False
+    with pytest.raises(NotImplementedError, match="rope"):
+        TorchGPT(NewConfig(**dataclasses.asdict(CONFIG)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -152,7 +102,7 @@ def test_same_logits_and_loss(dtype, scale):
     assert_close_scaled(logits.numpy(), ref_logits.numpy(), tol["rtol"], tol["atol_rel"], "logits")
     np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=tol["rtol"])
     if scale == 1.0:
-        assert abs(loss.item() - math.log(CONFIG["vocab_size"])) < 0.1
+        assert abs(loss.item() - math.log(CONFIG.vocab_size)) < 0.1
     # shorter sequences too (positions 0..T-1 of wpe only)
     logits5, _ = ours(x[:, :5])
     with torch.no_grad():
@@ -160,15 +110,23 @@ def test_same_logits_and_loss(dtype, scale):
     assert_close_scaled(logits5.numpy(), ref5.numpy(), tol["rtol"], tol["atol_rel"], "logits T=5")
 
 
+def test_flash_attention_peer_matches_the_explicit_reference():
+    """The benchmarks' peer (F.scaled_dot_product_attention) computes what the reference does."""
+    _, ref = make_pair(seed=6, config=dataclasses.replace(CONFIG, bias=False))
+    peer = TorchGPT(ref.config)
+    peer.load_state_dict(ref.state_dict())
+    x, y = (torch.from_numpy(a) for a in batch(3))
+    with torch.no_grad():
+        (logits, loss), (peer_logits, peer_loss) = ref(x, y), peer(x, y)
+    assert_close_scaled(peer_logits.numpy(), logits.numpy(), 1e-4, 1e-5, "logits")
+    np.testing.assert_allclose(peer_loss.item(), loss.item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("scale", [1.0, 20.0], ids=["gpt2-init", "large-weights"])
 def test_same_gradients(dtype, scale):
     ours, ref = make_pair(seed=2, dtype=dtype, scale=scale)
-    x, y = batch(1)
-    _, loss = ours(x, y)
-    loss.backward()
-    _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-    ref_loss.backward()
+    backward_both(ours, ref, *batch(1))
     tol = TOLS[dtype]
     ref_params = dict(ref.named_parameters())
     assert set(ref_params) == {n for n, _ in ours.named_parameters()}
@@ -184,20 +142,12 @@ def test_tied_wte_gradient_has_both_uses():
     from either part alone (so the check really sees the sum)."""
     ours, ref = make_pair(seed=3, scale=5.0)
     x, y = batch(2)
-    _, loss = ours(x, y)
-    loss.backward()
-    _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-    ref_loss.backward()
+    backward_both(ours, ref, x, y)
     total = ref.transformer.wte.weight.grad.numpy().copy()  # a copy: the pass below accumulates into it
     # the head's part alone: the same forward with the head's matrix as a separate leaf
     w_head = ref.lm_head.weight.detach().clone().requires_grad_(True)
-    with torch.no_grad():
-        h = torch.from_numpy(x)
-    xx = ref.transformer.wte(h) + ref.transformer.wpe(torch.arange(h.shape[1]))
-    for block in ref.transformer.h:
-        xx = block(xx)
-    logits = ref.transformer.ln_f(xx) @ w_head.T
-    TF.cross_entropy(logits.view(-1, logits.size(-1)), torch.from_numpy(y).view(-1)).backward()
+    logits = ref.hidden_states(torch.from_numpy(x)) @ w_head.T
+    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), torch.from_numpy(y).view(-1)).backward()
     head_part = w_head.grad.numpy()
     emb_part = total - head_part
     assert np.abs(head_part).max() > 1e-4 and np.abs(emb_part).max() > 1e-4
@@ -207,42 +157,47 @@ def test_tied_wte_gradient_has_both_uses():
     assert np.abs(g - emb_part).max() > 100 * 1e-5 * np.abs(total).max()
 
 
-def train_both(ours, ref, opt, ref_opt, batches):
+def both_optimizers(ours, ref):
+    """Each model's own ``configure_optimizers(0.1, 1e-3, (0.9, 0.95))``, checked to hold the same
+    groups: decay on the 2-D weights only, the same shapes in the same order, the same settings."""
+    opt, ref_opt = (m.configure_optimizers(0.1, 1e-3, (0.9, 0.95)) for m in (ours, ref))
+    decay, no_decay = ref_opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert len(opt.param_groups) == len(ref_opt.param_groups)
+    for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
+        assert [tuple(p.shape) for p in group["params"]] == [tuple(p.shape) for p in ref_group["params"]]
+        assert all(group[k] == ref_group[k] for k in ("lr", "betas", "eps", "weight_decay")), (group, ref_group)
+    return opt, ref_opt
+
+
+def train_both(ours, ref, batches):
     """The same AdamW + clip_grad_norm_(1.0) steps on both models: losses and norms of each."""
+    opt, ref_opt = both_optimizers(ours, ref)
     losses, ref_losses, norms, ref_norms = [], [], [], []
     for x, y in batches:
         opt.zero_grad()
-        _, loss = ours(x, y)
-        loss.backward()
-        norms.append(tt.nn.utils.clip_grad_norm_(ours.parameters(), 1.0))
-        opt.step()
-        losses.append(loss.item())
-
         ref_opt.zero_grad()
-        _, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
-        ref_loss.backward()
+        loss, ref_loss = backward_both(ours, ref, x, y)
+        norms.append(tt.nn.utils.clip_grad_norm_(ours.parameters(), 1.0))
         ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
+        opt.step()
         ref_opt.step()
-        ref_losses.append(ref_loss.item())
+        losses.append(loss)
+        ref_losses.append(ref_loss)
     return losses, ref_losses, norms, ref_norms
 
 
 def test_adamw_training_matches_torch():
     """10 steps of AdamW (decay on 2-D weights only) with clip_grad_norm_(1.0), same batches."""
     ours, ref = make_pair(seed=4)
-    opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
-    decay = [p for p in ref.parameters() if p.dim() >= 2]
-    no_decay = [p for p in ref.parameters() if p.dim() < 2]
-    assert len(decay) == len(opt.param_groups[0]["params"]) and len(no_decay) == len(opt.param_groups[1]["params"])
-    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    losses, ref_losses, norms, ref_norms = train_both(
-        ours, ref, opt, ref_opt, [batch(100 + step, learnable=True) for step in range(10)])
+    losses, ref_losses, norms, ref_norms = train_both(ours, ref, [batch(100 + step, learnable=True)
+                                                                  for step in range(10)])
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
     assert losses[-1] < losses[0]  # it learns
     ref_params = dict(ref.named_parameters())
-    C = CONFIG["n_embd"]
+    C = CONFIG.n_embd
     for name, p in ours.named_parameters():
         w, rw = p.numpy(), ref_params[name].detach().numpy()
         if name.endswith("c_attn.bias"):
@@ -257,10 +212,6 @@ def test_adamw_training_matches_torch():
 def test_adamw_with_active_clipping_matches_torch():
     """Large weights make the gradient norm far above 1, so clipping really scales every step."""
     ours, ref = make_pair(seed=5, scale=20.0)
-    opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
-    ref_opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-                                 {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    losses, ref_losses, norms, _ = train_both(ours, ref, opt, ref_opt, [batch(200 + step) for step in range(10)])
+    losses, ref_losses, norms, _ = train_both(ours, ref, [batch(200 + step) for step in range(10)])
     assert min(norms) > 1.0
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)

@@ -1,11 +1,9 @@
 """Tests for gpt/tokenizer.py: round trips, error messages, serialization,
 streaming, and an incremental-vs-naive check of BPE training."""
 import json
-import random
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,30 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from gpt.tokenizer import (SPLIT_PATTERN, BPETokenizer, CharTokenizer, TokenizerError,
                            tokenizer_from_json)
+from textgen import VARIED_WORDS, make_text
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 unicode_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
 
 
-def make_corpus(n_words=900, seed=0):
-    """A few KB of English-like text, with digits, punctuation and some non-ASCII."""
-    rng = random.Random(seed)
-    words = ("the of and to in is was that he for it with as his on be at by I had not "
-             "are but from or have an they which one you were her all she there would "
-             "their we him been has when who will more no if out so said what up its "
-             "about into than them can only other new some could time these two may "
-             "café naïve déjà über 東京 über-cool don't it's I'll we've 42 1999").split()
-    out = []
-    for i in range(n_words):
-        w = rng.choice(words)
-        out.append(w.capitalize() if i % 11 == 0 else w)
-        if rng.random() < 0.08:
-            out.append(rng.choice([",", ".", "!", "?", ";", ":", " --"]))
-        out.append("\n" if rng.random() < 0.05 else " ")
-    return "".join(out)
-
-
-CORPUS = make_corpus()
+CORPUS = make_text(n_lines=150, words=VARIED_WORDS)  # ~5 KB: digits, contractions, non-ASCII
 
 
 @pytest.fixture(scope="module")
@@ -274,9 +254,8 @@ def test_unknown_kind_is_named():
 
 # ---------------------------------------------------------------- real corpus
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} not present")
-def test_tiny_shakespeare():
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+def test_tiny_shakespeare(tiny_shakespeare):
+    text = tiny_shakespeare.read_text(encoding="utf-8")
     tok = CharTokenizer.train(text)
     assert tok.vocab_size == 65
     t0 = time.perf_counter()

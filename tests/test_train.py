@@ -29,24 +29,9 @@ from gpt import trainer
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import load_model
 from gpt.model import GPT
+from textgen import make_text
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the king queen lord lady sweet good night day love hath thou thee shall come go speak "
-         "what where when fair noble heart crown sword gentle brave").split()
-
-
-
-
-def make_text(n_lines=500, seed=0):
-    """About 14 KB of play-like lines: a small vocabulary of words, names and punctuation."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n_lines):
-        if i % 7 == 0:
-            lines.append(["ROMEO:", "JULIET:", "KING HENRY:", "NURSE:"][int(rng.integers(4))])
-        words = [WORDS[j] for j in rng.integers(0, len(WORDS), int(rng.integers(3, 9)))]
-        lines.append(" ".join(words).capitalize() + [".", ",", "!", "?", ";"][int(rng.integers(5))])
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +53,7 @@ def corpus(workdir):
 @pytest.fixture(autouse=True)
 def _data_dir_and_no_plot(request, workdir, monkeypatch):
     monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
+    monkeypatch.delenv("GPT_DATA_DIR", raising=False)
     if "with_plot" not in request.fixturenames:  # drawing loss.png costs ~0.5 s per eval
         monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
 
@@ -294,25 +280,39 @@ def test_divergence_with_a_huge_learning_rate_is_caught(corpus, tmp_path, capsys
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------------------------------
-def test_ctrl_c_saves_and_exits_130(corpus, tmp_path, workdir):
-    """``python -m gpt.train`` (run through runpy, after pointing DEFAULT_DATA_DIR at a temporary
-    folder) gets SIGINT while training: it finishes the step, saves, and exits 130 quietly."""
-    out = tmp_path / "sigint"
+def start_training_process(corpus, out, data_dir, *extra, stderr, stdout=subprocess.DEVNULL):
+    """``python -m gpt.train`` in a subprocess (through runpy, after pointing DEFAULT_DATA_DIR at
+    ``data_dir``), for tests that send real signals or kills."""
     launcher = ("import pathlib, runpy, sys, gpt.data; gpt.data.DEFAULT_DATA_DIR = pathlib.Path(sys.argv.pop(1)); "
                 "runpy.run_module('gpt.train', run_name='__main__', alter_sys=True)")
-    cmd = [sys.executable, "-c", launcher, str(workdir[0] / "data"),
-           *train_args(corpus, out, "--max-iters", 100000, "--eval-interval", 2, "--eval-iters", 1)]
+    cmd = [sys.executable, "-c", launcher, str(data_dir), *train_args(corpus, out, *extra)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    err_path = tmp_path / "stderr.txt"
+    env.pop("GPT_DATA_DIR", None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+
+
+def wait_for(path, proc, err_path, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, err_path.read_text()
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig,twice", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["ctrl-c", "sigterm", "sigterm-twice"])
+def test_a_signal_saves_and_exits_130(corpus, tmp_path, workdir, sig, twice):
+    """Ctrl-C or SIGTERM (`kill`, `docker stop`) while training: the step finishes, the run saves
+    and exits 130 quietly. A second signal stops at once, the last checkpoint intact."""
+    out, err_path = tmp_path / "run", tmp_path / "stderr.txt"
     with open(err_path, "w") as err, open(tmp_path / "stdout.txt", "w") as stdout:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=err)
+        proc = start_training_process(corpus, out, workdir[0] / "data", "--max-iters", 100000, "--eval-interval", 2,
+                                      "--eval-iters", 1, stderr=err, stdout=stdout)
         try:
-            deadline = time.monotonic() + 60
-            while not (out / "ckpt.safetensors").exists():
-                assert proc.poll() is None, err_path.read_text()
-                assert time.monotonic() < deadline, "no checkpoint after 60 s"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
+            wait_for(out / "ckpt.safetensors", proc, err_path)
+            proc.send_signal(sig)
+            if twice:
+                proc.send_signal(sig)
             rc = proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
@@ -323,8 +323,11 @@ def test_ctrl_c_saves_and_exits_130(corpus, tmp_path, workdir):
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and "--resume" in stderr
     assert (tmp_path / "stdout.txt").read_text() == ""
-    tensors, meta = load_checkpoint(out / "ckpt.safetensors")
+    tensors, meta = load_checkpoint(out / "ckpt.safetensors")  # intact whichever way it stopped
     assert meta["step"] > 0
+    if twice:
+        return
+    assert signal.Signals(sig).name in stderr
     steps, _ = read_metrics(out)
     assert steps[-1]["step"] == meta["step"]  # saved right after the step it stopped at
     # and it continues from there
@@ -365,6 +368,15 @@ def test_interrupt_before_the_first_eval_then_resume(corpus, tmp_path, monkeypat
     (["--tokenizer", "words"], "tokenizer"),
     (["--resume", "maybe"], "true or false"),
     (["--preset", "huge"], "preset"),
+    # absurd values: not finite, negative seeds, sizes far beyond any machine
+    (["--seed", "-1"], "seed"),
+    (["--learning-rate", "nan"], "finite"),
+    (["--learning-rate", "inf"], "finite"),
+    (["--min-lr", "nan"], "finite"),
+    (["--grad-clip", "nan"], "finite"),
+    (["--weight-decay", "inf"], "finite"),
+    (["--n-embd", "1000000"], "n-embd"),
+    (["--batch-size", "1000000000"], "batch-size"),
 ])
 def test_cli_errors_exit_2_with_one_message(args, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

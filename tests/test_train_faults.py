@@ -7,7 +7,6 @@ signal or kill is involved.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -23,29 +22,12 @@ from gpt import train as train_cli
 from gpt import trainer
 from gpt.checkpoint import FORMAT, METADATA_KEY, load_checkpoint
 from gpt.rundir import RunDir
-from test_train import assert_clean_error, make_text, read_metrics, train_args
+# the run fixtures (module corpus, temporary data dir, no plotting) are test_train's
+from test_train import (_data_dir_and_no_plot, assert_clean_error, corpus, read_metrics,  # noqa: F401
+                        start_training_process, train_args, wait_for, workdir)
+from textgen import make_text
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    return root, corpus
-
-
-@pytest.fixture
-def corpus(workdir):
-    return workdir[1]
-
-
-@pytest.fixture(autouse=True)
-def _data_dir_and_no_plot(workdir, monkeypatch):
-    monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
-    monkeypatch.delenv("GPT_DATA_DIR", raising=False)
-    monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
 
 
 def train(corpus, out, *extra):
@@ -87,7 +69,7 @@ def test_two_runs_in_one_out_dir_at_once_are_refused(corpus, tmp_path, capsys):
     assert train(corpus, out, "--max-iters", 2, "--eval-interval", 2) == 0  # free again
 
 
-def test_stale_temp_files_are_removed_on_the_next_start(corpus, tmp_path):
+def test_stale_temp_files_are_removed_on_the_nextstart_training_process(corpus, tmp_path):
     out = tmp_path / "stale"
     out.mkdir()
     dead_pid = 2 ** 22 + 12345  # above the default pid_max: no such process
@@ -138,49 +120,6 @@ def test_an_interrupt_with_non_finite_weights_does_not_save(corpus, tmp_path, mo
 
 
 # -- signals and kills (real processes) ----------------------------------------------------------------------------
-def _start(corpus, out, data_dir, *extra, stderr):
-    launcher = ("import pathlib, runpy, sys, gpt.data; gpt.data.DEFAULT_DATA_DIR = pathlib.Path(sys.argv.pop(1)); "
-                "runpy.run_module('gpt.train', run_name='__main__', alter_sys=True)")
-    cmd = [sys.executable, "-c", launcher, str(data_dir), *train_args(corpus, out, *extra)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    env.pop("GPT_DATA_DIR", None)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def _wait_for(path, proc, err_path, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, err_path.read_text()
-        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
-        time.sleep(0.02)
-
-
-@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
-def test_sigterm_saves_like_ctrl_c_and_a_second_signal_stops_at_once(corpus, tmp_path, workdir, twice):
-    out, err_path = tmp_path / "term", tmp_path / "stderr.txt"
-    with open(err_path, "w") as err:
-        proc = _start(corpus, out, workdir[0] / "data", "--max-iters", 10 ** 6, "--eval-interval", 5,
-                      "--eval-iters", 1, stderr=err)
-        try:
-            _wait_for(out / "ckpt.safetensors", proc, err_path)
-            proc.send_signal(signal.SIGTERM)
-            if twice:
-                proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    stderr = err_path.read_text()
-    assert rc == 130, stderr
-    assert "Traceback" not in stderr and "interrupted" in stderr
-    tensors, meta = load_checkpoint(out / "ckpt.safetensors")  # intact whichever way it stopped
-    if not twice:
-        assert "SIGTERM" in stderr
-        steps, _ = read_metrics(out)
-        assert steps[-1]["step"] == meta["step"]  # saved right after the step it stopped at
-
-
 def test_a_signal_while_numpy_loads_exits_quietly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "gpt.train", "--preset", "tiny", "--out-dir", str(tmp_path / "o")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -201,8 +140,8 @@ def test_kills_during_saves_never_leave_a_broken_checkpoint(corpus, tmp_path, wo
     for round_ in range(4):
         with open(err_path, "w") as err:
             args = extra + (("--resume",) if round_ else ())
-            proc = _start(corpus, out, workdir[0] / "data", *args, stderr=err)
-            _wait_for(out / "ckpt.safetensors", proc, err_path)
+            proc = start_training_process(corpus, out, workdir[0] / "data", *args, stderr=err)
+            wait_for(out / "ckpt.safetensors", proc, err_path)
             time.sleep(float(rng.uniform(0.05, 0.6)))
             proc.kill()
             proc.wait()
@@ -272,24 +211,6 @@ def test_resume_never_reads_a_path_the_checkpoint_names(corpus, tmp_path, capsys
 
 
 # -- options --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,needle", [
-    (["--seed", "-1"], "seed"),
-    (["--learning-rate", "nan"], "finite"),
-    (["--learning-rate", "inf"], "finite"),
-    (["--min-lr", "nan"], "finite"),
-    (["--grad-clip", "nan"], "finite"),
-    (["--weight-decay", "inf"], "finite"),
-    (["--n-embd", "1000000"], "n-embd"),
-    (["--batch-size", "1000000000"], "batch-size"),
-])
-def test_absurd_options_exit_2(args, needle, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        train_cli.main(args + ["--out-dir", str(tmp_path / "never")])
-    assert exc.value.code == 2
-    assert_clean_error(capsys.readouterr().err, needle)
-    assert not (tmp_path / "never").exists()
-
-
 def test_a_config_too_big_for_memory_exits_2_before_allocating(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer.MODELS["gpt"], "__init__", lambda *a, **k: pytest.fail("allocated a model"))
     assert train(corpus, tmp_path / "big", "--batch-size", 100000, "--block-size", 4096) == 2
