@@ -49,6 +49,9 @@ def test_training_from_another_folder_writes_nothing_into_site_packages(installe
     assert _files(installed) == before  # nothing written into site-packages
     prepared = home / ".cache" / "tinytensor-gpt" / "my_char" / "meta.json"
     assert prepared.is_file(), proc.stderr  # the per-user cache
+    # nothing else in the user's home: matplotlib's font cache goes to the data dir too
+    assert {p.relative_to(home) for p in home.glob("*/*")} == {Path(".cache/tinytensor-gpt")}
+    assert (work / "out" / "loss.png").is_file()
     assert (work / "out" / "ckpt.safetensors").is_file()
     # --data-dir wins
     proc = subprocess.run(cmd + ["--data-dir", "d", "--out-dir", "o"], cwd=work, env=env, capture_output=True,
