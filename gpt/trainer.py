@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -269,6 +270,9 @@ class Trainer:
         self._plot()
 
     def _plot(self):
+        # matplotlib caches fonts under ~/.cache unless told otherwise: a run writes only to
+        # its out-dir and the data dir, so its cache goes to the data dir
+        os.environ.setdefault("MPLCONFIGDIR", str(resolve_data_dir(self.cfg.data_dir) / ".matplotlib"))
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -377,12 +381,15 @@ def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad()
-    total = 0.0
+    total = None
     for xs, ys in zip(np.split(x, grad_accum), np.split(y, grad_accum)):
         _, loss = model(xs, ys)
         (loss * (1.0 / grad_accum)).backward()
-        total += loss.item()
-    loss = total / grad_accum
+        # summed where the loss is (float64, as Python floats were) and read once below: on a GPU
+        # every read waits for all queued work, so one per step, not one per micro-batch
+        part = loss.data.astype(np.float64)
+        total = part if total is None else total + part
+    loss = float(total) / grad_accum
     if not math.isfinite(loss):
         return loss
     if grad_clip > 0:
