@@ -202,9 +202,9 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         tr = self.transformer
-        xp = tr.wte.weight.xp
-        idx = xp.asarray(idx)
-        pos = xp.arange(start, start + T)
+        # token ids and positions go to the embeddings as they are (on the host, for a batch drawn
+        # by NumPy): F.embedding checks them there before moving them, with no read back from a GPU
+        pos = np.arange(start, start + T)
         x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(tr.h):
             x = block(x, cache, layer)
@@ -256,9 +256,7 @@ class BigramLM(nn.Module):
         self.token_embedding.weight.data *= 0.02
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
-        idx = idx.data if isinstance(idx, tt.Tensor) else idx
-        w = self.token_embedding.weight
-        idx = w.xp.asarray(idx)
+        idx = idx.data if isinstance(idx, tt.Tensor) else idx  # host ids stay there: see GPT.forward
         if last_only:
             idx = idx[:, -1:]
         logits = self.token_embedding(idx)  # (B, T, vocab)

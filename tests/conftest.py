@@ -1,16 +1,36 @@
-"""Shared fixtures: every engine test runs on NumPy, and on CuPy when a GPU is present;
+"""Shared fixtures: every engine test runs on NumPy, and on CuPy (real with a GPU, else the stand-in);
 text to train on comes from ``textgen`` (generated) or the local Tiny Shakespeare copy."""
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
+import cupy_standin
 import tinytensor as tt
 from textgen import make_text
+
+
+def _cupy_for_the_tests():
+    """The "cupy" backend runs on real CuPy where it imports and sees a GPU, else on the strict
+    stand-in (tests/cupy_standin.py), so every backend-parametrized test runs everywhere.
+    TINYTENSOR_CUPY_STANDIN=off skips the cupy variants without a GPU (as before the stand-in);
+    =on uses the stand-in even beside a real CuPy (e.g. to count host syncs on a GPU machine).
+    Done at import, not in a fixture: BACKENDS below is decided when this module loads."""
+    choice = os.environ.get("TINYTENSOR_CUPY_STANDIN", "auto")
+    if choice == "off" or (choice != "on" and importlib.util.find_spec("cupy") is not None
+                           and tt.cupy_available()):
+        return
+    cupy_standin.install()
+    tt.backend._cupy = None  # the next get_xp("cupy") imports the stand-in
+
+
+_cupy_for_the_tests()
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(
-    not tt.cupy_available(), reason="CuPy with a GPU is not available"))]
+    not tt.cupy_available(), reason="CuPy with a GPU is not available (and TINYTENSOR_CUPY_STANDIN=off)"))]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -46,8 +46,26 @@ def _import_cupy():
         ) from None
     if n < 1:
         raise BackendError("backend 'cupy': CuPy is installed but no GPU is visible. Use --backend numpy.")
+    _check_kernels(cupy)
     _cupy = cupy
     return cupy
+
+
+def _check_kernels(cupy) -> None:
+    """Compile and run a tiny kernel now, so a broken CUDA toolkit (NVRTC missing, a driver too old
+    for the wheel) is one BackendError at start-up, not a traceback at the first op mid-run.
+    CuPy compiles each elementwise kernel with NVRTC on first use; .get() waits for it to run."""
+    try:
+        x = cupy.arange(4, dtype=cupy.float32)
+        (x * 2 + 1).sum().get()
+    except Exception as exc:  # CompileException, NVRTCError, CUDARuntimeError, "failed to load libnvrtc"...
+        detail = " ".join(str(exc).split())[:300]  # one line: NVRTC's messages can span many
+        raise BackendError(
+            f"backend 'cupy': CuPy sees a GPU but cannot compile or run a kernel ({type(exc).__name__}: {detail}). "
+            "The CUDA libraries CuPy needs (NVRTC) may be missing or not match the driver: install the CuPy wheel "
+            "for the CUDA major version `nvidia-smi` shows (pip install -e \".[cuda12]\" or \".[cuda13]\") "
+            "and its CUDA libraries (e.g. pip install \"cupy-cuda12x[ctk]\"), or use --backend numpy."
+        ) from None
 
 
 _freed_memory_kept = False
@@ -142,36 +160,57 @@ def to_numpy(array) -> np.ndarray:
 
 
 # -- random numbers ---------------------------------------------------------
-# One NumPy generator seeds everything, so a run is reproducible from one seed on
-# any backend. CuPy gets its own generator (seeded from ours) so dropout masks are
-# drawn on the GPU instead of being copied over every step.
+# One NumPy generator decides every random draw, so a run is reproducible from one
+# seed on any backend and its state is all a checkpoint needs for an exact resume.
+# On CuPy, dropout masks are drawn on the GPU (not copied over every step) by
+# cuRAND's Philox generator, re-seeded from the NumPy generator at each draw:
+# cuRAND's state cannot be read back (CuPy has no API for it; the default XORWOW
+# keeps megabytes of it per GPU), so instead nothing on the GPU carries over from
+# one draw to the next. Philox keeps no per-thread state, so re-seeding it is two
+# host calls, not a kernel.
 _rng = np.random.default_rng(0)
-_cupy_rng = None
+_cupy_philox = None  # the one cuRAND generator, created at the first draw on CuPy
 
 
 def manual_seed(seed: int) -> None:
     """Seed every random draw of tinytensor (initialisation, dropout, sampling)."""
-    global _rng, _cupy_rng
+    global _rng
     _rng = np.random.default_rng(seed)
-    _cupy_rng = None
 
 
-def rng(xp=np):
-    """The generator for a backend's array module."""
-    global _cupy_rng
+def rng() -> np.random.Generator:
+    """tinytensor's NumPy generator (initialisation draws on the host)."""
+    return _rng
+
+
+def uniform(xp, shape, dtype=np.float32):
+    """Floats in [0, 1) of ``shape`` on ``xp``'s device, from tinytensor's generator (dropout).
+
+    >>> manual_seed(0); a = uniform(np, (2,)); manual_seed(0)
+    >>> bool((uniform(np, (2,)) == a).all())
+    True
+    """
+    global _cupy_philox
     if xp is np:
-        return _rng
-    if _cupy_rng is None:
-        _cupy_rng = xp.random.default_rng(int(_rng.integers(2**63)))
-    return _cupy_rng
+        return _rng.random(shape, dtype=dtype)
+    if _cupy_philox is None:
+        _cupy_philox = xp.random.RandomState(0, method=xp.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+    _cupy_philox.seed(int(_rng.integers(2**63)))
+    return _cupy_philox.random_sample(shape, dtype=dtype)
 
 
 def get_rng_state() -> dict:
-    """The NumPy generator's state, JSON-serialisable (for exact resume)."""
+    """Everything that decides tinytensor's later random draws, on either backend: the NumPy
+    generator's state (a PCG64 ``bit_generator.state`` dict, JSON-serialisable). A run resumed
+    from it draws the same numbers, dropout masks on a GPU included, as the run that saved it.
+
+    >>> state = get_rng_state(); a = rng().random(); set_rng_state(state)
+    >>> rng().random() == a
+    True
+    """
     return _rng.bit_generator.state
 
 
 def set_rng_state(state: dict) -> None:
-    global _cupy_rng
+    """Restore a state from ``get_rng_state``."""
     _rng.bit_generator.state = state
-    _cupy_rng = None

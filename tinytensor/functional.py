@@ -17,6 +17,7 @@ import builtins
 
 import numpy as np
 
+from . import backend
 from .ops import attention as A
 from .ops import basic as P
 from .ops import fused as N
@@ -231,13 +232,25 @@ def log_softmax(x, axis=-1):
     return N.LogSoftmax.apply(x, axis=axis)
 
 
+def _class_indices(op, indices, like: Tensor, n_classes, ignore_index=None, shape=None) -> Tensor:
+    """Integer indices as a Tensor on ``like``'s backend, checked once, here (``check_targets``).
+
+    Host indices (a batch drawn by NumPy, a prompt) are checked on the host before they
+    move, so a step on a GPU reads nothing back for them; a device tensor costs one read.
+    """
+    data = indices.data if isinstance(indices, Tensor) else indices
+    if backend.xp_of(data) is np:
+        data = np.asarray(data)
+    if shape is not None and tuple(data.shape) != shape:
+        raise ValueError(f"{op}: logits {like.shape} need targets of shape {shape}, got {tuple(data.shape)}")
+    N.check_targets(op, data, n_classes, ignore_index)
+    return indices if isinstance(indices, Tensor) else Tensor(like.xp.asarray(data))
+
+
 def cross_entropy(logits, targets, ignore_index=-1):
     """Mean cross-entropy of logits (..., C) against integer targets (...)."""
-    targets = targets if isinstance(targets, Tensor) else Tensor(logits.xp.asarray(targets))
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
-                         f"got {targets.shape}")
     C = logits.shape[-1]
+    targets = _class_indices("cross_entropy", targets, logits, C, ignore_index, shape=logits.shape[:-1])
     return N.CrossEntropy.apply(reshape(logits, -1, C), reshape(targets, -1), ignore_index=ignore_index)
 
 
@@ -252,8 +265,8 @@ def linear(x, weight, bias=None):
 
 
 def embedding(idx, weight):
-    idx = idx if isinstance(idx, Tensor) else Tensor(weight.xp.asarray(idx))
-    return N.Embedding.apply(idx, weight)
+    """Rows of ``weight`` (V, C) for integer indices ``idx`` of any shape."""
+    return N.Embedding.apply(_class_indices("embedding", idx, weight, weight.shape[0]), weight)
 
 
 def dropout(x, p=0.5, training=True):

@@ -17,6 +17,7 @@ array([2., 4.])
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 import threading
 
@@ -147,9 +148,16 @@ F = _DeferredFunctional()  # tinytensor.functional, from the first Tensor operat
 
 
 def _comparison(op):
-    """A Tensor comparison: a bool tensor outside the graph (no gradient), as in PyTorch."""
+    """A Tensor comparison: a bool tensor outside the graph (no gradient), as in PyTorch.
+
+    ``op`` is the ``operator`` function, so the array's own method runs (NumPy's or CuPy's);
+    a host array or list on the other side is moved to this tensor's backend first, as
+    arithmetic lifts it (CuPy refuses a NumPy array in an operator)."""
     def compare(self, other):
-        other = other.data if isinstance(other, Tensor) else other
+        if isinstance(other, Tensor):
+            other = other.data
+        elif isinstance(other, (np.ndarray, list, tuple)):
+            other = self.xp.asarray(other)
         return Tensor._wrap(op(self.data, other))
     return compare
 
@@ -171,21 +179,23 @@ class Tensor:
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__", "_name")
-    __array_priority__ = 100  # so ndarray + Tensor defers to Tensor.__radd__
+    # array + Tensor hands over to Tensor.__radd__ (and so on): NumPy and CuPy both skip an
+    # operand whose __array_ufunc__ is None. (A priority alone is not enough: CuPy's is also 100.)
+    __array_ufunc__ = None
+    __array_priority__ = 100
 
     def __init__(self, data, requires_grad: bool = False, dtype=None, backend_name: str | None = None):
         if isinstance(data, Tensor):
             data = data.data
-        xp = backend.get_xp(backend_name) if backend_name else backend.xp_of(data)
-        if backend_name is not None and backend.xp_of(data) is not xp:
-            data = backend.to_backend(data, backend_name)
         if not hasattr(data, "dtype"):
-            # Python scalars and lists: floats become float32, ints int64, bools bool
-            arr = np.asarray(data)
-            if dtype is None and _is_float(arr.dtype):
+            # Python scalars and lists: floats become float32, ints int64, bools bool; on the host
+            # first, so the rule holds whatever backend they then move to
+            data = np.asarray(data)
+            if dtype is None and _is_float(data.dtype):
                 dtype = DEFAULT_DTYPE
-            data = xp.asarray(arr, dtype=dtype)
-        elif dtype is not None and data.dtype != dtype:
+        if backend_name is not None and backend.name_of(data) != backend_name:
+            data = backend.to_backend(data, backend_name)  # (an unknown name raises BackendError here)
+        if dtype is not None and data.dtype != dtype:
             data = data.astype(dtype)
         self.data = data
         self.grad = None
@@ -298,12 +308,12 @@ class Tensor:
     def __getitem__(self, index):
         return F.getitem(self, index)
 
-    __lt__ = _comparison(np.less)
-    __le__ = _comparison(np.less_equal)
-    __gt__ = _comparison(np.greater)
-    __ge__ = _comparison(np.greater_equal)
-    __eq__ = _comparison(np.equal)
-    __ne__ = _comparison(np.not_equal)
+    __lt__ = _comparison(operator.lt)
+    __le__ = _comparison(operator.le)
+    __gt__ = _comparison(operator.gt)
+    __ge__ = _comparison(operator.ge)
+    __eq__ = _comparison(operator.eq)
+    __ne__ = _comparison(operator.ne)
     __hash__ = object.__hash__  # tensors stay usable as dict keys despite __eq__
 
     # methods, with F's arguments: x.sum(axis=0) is F.sum(x, axis=0), and so on

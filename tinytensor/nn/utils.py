@@ -15,8 +15,10 @@ def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:
     if not grads:
         return 0.0
     xp = xp_of(grads[0])
-    # one reduction per tensor, summed on the host: a float, not a float32 rounding of it
-    total = math.sqrt(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in grads))
+    # one reduction per tensor, summed in float64 on the device (a float, not a float32 rounding
+    # of it) and read back once: on a GPU every read waits for all queued work, so not one per tensor
+    squares = xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads]).astype(xp.float64)
+    total = math.sqrt(float(squares.sum()))
     coef = max_norm / (total + eps)
     if coef < 1.0:
         for g in grads:

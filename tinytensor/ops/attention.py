@@ -78,8 +78,8 @@ class ScaledDotProductAttention(Function):
         att_t = attention_weights_t(qs, k, causal)
         self.mask_t = None
         if dropout_p > 0:  # drawn in (..., Tq, Tk) order, then viewed transposed
-            mask = (backend.rng(xp).random(att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1],
-                                           dtype=np.float32) >= dropout_p).astype(att_t.dtype)
+            mask = (backend.uniform(xp, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1],
+                                     np.float32) >= dropout_p).astype(att_t.dtype)
             mask *= 1.0 / (1.0 - dropout_p)
             self.mask_t = mask.swapaxes(-1, -2)
         self.att_t, self.qs, self.k, self.v = att_t, qs, k, v

@@ -111,33 +111,40 @@ class LayerNorm(Function):
 def check_targets(op, targets, n_classes, ignore_index=None):
     """Class indices must be integers in [0, n_classes) (or ignore_index).
 
-    Cheap on purpose (one min and one max): it runs on every embedding lookup,
-    including each decoded token's."""
+    ``tinytensor.functional`` calls it once, where indices enter (``cross_entropy``,
+    ``embedding``): on the host for host indices (a batch drawn by NumPy, a prompt), before
+    they move to the GPU. On a device array it reads back one flag, and the indices only
+    when it is set: each read stalls a GPU until all queued work has run, and CuPy checks no
+    bounds itself (an out-of-range index silently wraps around). Cheap on the host too (a
+    few elementwise passes, no boolean-mask copy): it runs on each decoded token's lookup."""
+    xp = xp_of(targets)
     if targets.dtype.kind not in "iu":
-        has_nan = targets.dtype.kind == "f" and bool(xp_of(targets).isnan(targets).any())
+        has_nan = targets.dtype.kind == "f" and bool(xp.isnan(targets).any())
         raise TypeError(f"{op}: targets must be integer class indices, got dtype {targets.dtype}"
                         + (" containing NaN" if has_nan else ""))
     if targets.size == 0:
         return
-    valid = targets if ignore_index is None else targets[targets != ignore_index]
-    if valid.size == 0:
+    bad = (targets < 0) | (targets >= n_classes)
+    if ignore_index is not None:
+        bad &= targets != ignore_index
+    if not bool(bad.any()):  # the one read back from a GPU
         return
+    host = backend.to_numpy(targets)  # an error: find the index to name
+    valid = host if ignore_index is None else host[host != ignore_index]
     low, high = int(valid.min()), int(valid.max())
-    if low < 0 or high >= n_classes:
-        raise IndexError(f"{op}: index {low if low < 0 else high} is out of range for {n_classes} classes "
-                         f"(valid: 0..{n_classes - 1}{'' if ignore_index is None else f', or {ignore_index} to ignore'})")
+    raise IndexError(f"{op}: index {low if low < 0 else high} is out of range for {n_classes} classes "
+                     f"(valid: 0..{n_classes - 1}{'' if ignore_index is None else f', or {ignore_index} to ignore'})")
 
 
 @register
 class CrossEntropy(Function):
-    """Mean softmax cross-entropy of logits (N, C) against integer targets (N,)."""
+    """Mean softmax cross-entropy of logits (N, C) against integer targets (N,), which
+    ``F.cross_entropy`` has checked (``check_targets``)."""
 
     def forward(self, logits, targets, ignore_index=-1):
         xp = xp_of(logits)
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
             raise ValueError(f"logits must be (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
-        N, C = logits.shape
-        check_targets("cross_entropy", targets, C, ignore_index)
         valid = targets != ignore_index
         safe_t = xp.where(valid, targets, 0)
         e = logits - logits.max(axis=1, keepdims=True)
@@ -145,17 +152,20 @@ class CrossEntropy(Function):
         xp.exp(e, out=e)
         s = e.sum(axis=1)
         e /= s[:, None]  # e is now the softmax: the backward needs only it
-        self.probs, self.targets, self.valid = e, safe_t, valid
-        self.count = int(valid.sum())
+        # the number of valid targets stays on the device (reading it would stall a GPU), in the
+        # logits' dtype: dividing by it is the float32 division it was as a Python int
+        count = valid.sum(dtype=logits.dtype)
+        self.probs, self.targets, self.valid, self.count = e, safe_t, valid, count
         nll = (xp.log(s) - target_logit) * valid
-        return (nll.sum() / self.count).astype(logits.dtype) if self.count else xp.asarray(np.nan, logits.dtype)
+        # no valid target: NaN, as PyTorch's mean over nothing (maximum: no 0/0 warning)
+        return xp.where(count > 0, nll.sum() / xp.maximum(count, 1), np.nan).astype(logits.dtype)
 
     def backward(self, g):
         xp = xp_of(g)
         grad = self.probs  # reused in place: it is not needed again
         rows = xp.arange(grad.shape[0])
         grad[rows, self.targets] -= 1
-        grad *= (self.valid * (g / max(self.count, 1)))[:, None].astype(grad.dtype)
+        grad *= (self.valid * (g / xp.maximum(self.count, 1)))[:, None].astype(grad.dtype)
         self.probs = None
         return grad, None
 
@@ -232,10 +242,10 @@ def scatter_add_rows(idx, g, n_rows):
 
 @register
 class Embedding(Function):
-    """weight[idx]: rows of a (V, C) table for integer indices of any shape."""
+    """weight[idx]: rows of a (V, C) table for integer indices of any shape, which
+    ``F.embedding`` has checked (``check_targets``)."""
 
     def forward(self, idx, weight):
-        check_targets("embedding", idx, weight.shape[0])
         self.idx, self.n_rows = idx, weight.shape[0]
         return weight[idx]
 
@@ -249,7 +259,7 @@ class Dropout(Function):
 
     def forward(self, x, p=0.5):
         xp = xp_of(x)
-        keep = backend.rng(xp).random(x.shape, dtype=np.float32) >= p
+        keep = backend.uniform(xp, x.shape, np.float32) >= p
         self.mask = keep.astype(x.dtype)
         self.mask *= 1.0 / (1.0 - p)
         return x * self.mask
