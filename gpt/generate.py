@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 import tinytensor as tt
-from tinytensor.ops.attention import attention_weights_t
+import tinytensor.functional as F
 
 from .checkpoint import CheckpointError, read_model_weights, weights_are_finite
 
@@ -131,22 +131,10 @@ class KVCache:
         """Causal attention of new tokens' packed q, k, v (B, T, 3C) over every cached
         token and themselves; stores their keys and values. Returns (B, T, C).
 
-        Arrays, not autograd ops: inference records no graph, and one token's step
-        is dominated by per-op overhead, so the fewer ops the better.
+        On arrays, not autograd ops (F.cached_attention): inference records no graph, and one
+        token's step is dominated by per-op overhead, so the fewer ops the better.
         """
-        if qkv.requires_grad:
-            raise RuntimeError("the KV cache is for inference: call the model under tt.no_grad() "
-                               "(or without cache= to train)")
-        qkv = qkv.data
-        B, T, C3 = qkv.shape
-        hs = C3 // 3 // n_head
-        q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # each (B, H, T, hs)
-        end = self.length + T
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        att_t = attention_weights_t(q * q.dtype.type(1 / math.sqrt(hs)), self.keys[layer][:, :, :end], causal=True)
-        y = att_t.swapaxes(-1, -2) @ self.values[layer][:, :, :end]  # (B, H, T, hs)
-        return tt.Tensor(y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3))
+        return F.cached_attention(qkv, self.keys[layer], self.values[layer], self.length, n_head)
 
 
 def load_model(path, backend: str = "numpy"):

@@ -285,3 +285,14 @@ def scaled_dot_product_attention(q, k, v, causal=True, scale=None, dropout_p=0.0
 def multi_head_attention(qkv, n_head, causal=True, dropout_p=0.0):
     """Self-attention of packed q, k, v projections (B, T, 3C) with n_head heads -> (B, T, C), fused."""
     return A.MultiHeadAttention.apply(qkv, n_head=n_head, causal=causal, dropout_p=dropout_p)
+
+
+def cached_attention(qkv, keys, values, start, n_head):
+    """Inference with a KV cache (records no graph): causal self-attention of the new tokens'
+    packed projections ``qkv`` (B, T, 3C) over the ``start`` cached tokens in the arrays
+    ``keys``/``values`` (B, H, capacity, hs) and themselves; their keys and values are
+    written into the cache. Returns a (B, T, C) tensor."""
+    if qkv.requires_grad:
+        raise RuntimeError("cached attention is for inference: call the model under tt.no_grad() "
+                           "(or without a cache to train)")
+    return Tensor(A.cached_attention(qkv.data, keys, values, start, n_head))

@@ -50,6 +50,31 @@ def attention_weights_t(qs, k, causal):
     return att_t
 
 
+def split_heads(qkv, n_head):
+    """Packed projections (B, T, 3C) -> q, k, v, each a (B, H, T, hs) strided view."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head).transpose(2, 0, 3, 1, 4)
+
+
+def merge_heads(y):
+    """(B, H, T, hs) -> (B, T, H * hs)."""
+    B, H, T, hs = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
+
+
+def cached_attention(qkv, keys, values, start, n_head):
+    """Inference only (arrays, no graph): causal attention of new tokens' packed q, k, v
+    (B, T, 3C) over the ``start`` tokens already in ``keys``/``values`` (B, H, capacity, hs)
+    and themselves; stores their keys and values there. Returns (B, T, C). The same math
+    as MultiHeadAttention (the tests check the two agree)."""
+    q, k, v = split_heads(qkv, n_head)
+    end = start + q.shape[2]
+    keys[:, :, start:end] = k
+    values[:, :, start:end] = v
+    att_t = attention_weights_t(q * q.dtype.type(1 / math.sqrt(q.shape[-1])), keys[:, :, :end], causal=True)
+    return merge_heads(att_t.swapaxes(-1, -2) @ values[:, :, :end])
+
+
 @register
 class ScaledDotProductAttention(Function):
     """softmax(q k^T * scale [+ causal mask]) v, with optional dropout on the weights.
@@ -114,11 +139,8 @@ class MultiHeadAttention(ScaledDotProductAttention):
         if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
             raise ValueError(f"qkv must be (B, T, 3 * n_head * head_size), got {tuple(qkv.shape)} "
                              f"with n_head={n_head}")
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        heads = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hs)
-        y = self._attend(heads[0], heads[1], heads[2], causal, None, dropout_p)  # (B, H, T, hs)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        q, k, v = split_heads(qkv, n_head)  # each (B, H, T, hs)
+        return merge_heads(self._attend(q, k, v, causal, None, dropout_p))  # (B, T, C)
 
     def backward(self, g):
         B, T, C = g.shape
