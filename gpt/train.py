@@ -22,7 +22,7 @@ from .resources import ResourceError
 from .rundir import RunDir, RunDirError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
-from .trainer import Trainer, TrainingError, UsageError, resume_config
+from .trainer import Trainer, TrainingError, UsageError, check_resumable, resume_config
 
 EXIT_USAGE = 2
 
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     try:
         with stop.installed():
             run = RunDir(cfg.out_dir)
+            if cfg.resume:
+                check_resumable(run)
             with run.locked():
                 resumed = None
                 if cfg.resume:

@@ -38,14 +38,20 @@ class UsageError(ValueError):
 
 
 # -- configuration: the command line, and on --resume the checkpoint ----------------------------------------
+def check_resumable(run: RunDir) -> None:
+    """--resume needs a checkpoint in the out-dir: checked before the folder is locked (and so
+    created), so a mistyped --out-dir leaves nothing behind."""
+    if not run.ckpt.is_file():
+        raise CheckpointError(f"checkpoint not found: {run.ckpt}; nothing to --resume. Start a new run "
+                              f"without --resume, or pass the --out-dir of the run to continue")
+
+
 def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
     """On --resume the run's settings come from its checkpoint; the command line changes only
     what it sets (e.g. --max-iters), never the model or the data. Paths and switches are never
     taken from the checkpoint (untrusted: it must not choose which files are read or written).
     Returns (config, TrainingState), reading only the checkpoint's header."""
-    if not run.ckpt.is_file():
-        raise CheckpointError(f"checkpoint not found: {run.ckpt}; nothing to --resume. Start a new run "
-                              f"without --resume, or pass the --out-dir of the run to continue")
+    check_resumable(run)
     state = TrainingState.read(run.ckpt)
     try:
         saved = C.config_from_dict(state.train_config)

@@ -193,6 +193,7 @@ def test_resume_checks(corpus, tmp_path, capsys, monkeypatch):
     # no checkpoint to resume from
     assert train_cli.main(["--resume", "--out-dir", str(tmp_path / "nothing")]) == 1
     assert_clean_error(capsys.readouterr().err, "not found")
+    assert not (tmp_path / "nothing").exists()  # a mistyped --out-dir leaves nothing behind
     # a moved run directory resumes in its new place
     moved = tmp_path / "moved"
     out.rename(moved)
