@@ -44,6 +44,7 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self):
         """Create the folder, hold its lock for the block, and remove what killed writers left."""
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -65,6 +66,11 @@ class RunDir:
             yield self
         finally:
             os.close(fd)  # releases the lock (so does the process dying)
+            if created and [p.name for p in self.path.iterdir()] == [self._lock.name]:
+                # a run that failed before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    self._lock.unlink()
+                    self.path.rmdir()
 
     def checkpoints(self):
         """The checkpoints present (a symlink counts: replacing it would still lose what it names)."""

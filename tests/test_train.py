@@ -402,6 +402,7 @@ def test_missing_input_file_is_a_clean_error(tmp_path, capsys):
     assert train_cli.main(["--preset", "tiny", "--input", str(tmp_path / "nope.txt"),
                            "--out-dir", str(tmp_path / "o"), "--progress", "false"]) == 1
     assert_clean_error(capsys.readouterr().err, "not found")
+    assert not (tmp_path / "o").exists()  # a run that wrote nothing leaves no empty folder
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------------
