@@ -279,9 +279,13 @@ class TrainingState:
     best_val_loss: Optional[float] = None  # None until the first evaluation
     elapsed_s: float = 0.0  # training wall time, summed over resumes
     optimizer: Optional[dict] = None  # read from a file; written by pack_training_state
+    # mixed precision (--dtype float16/bfloat16) only: the LossScaler's {"scale": float, "good_steps": int};
+    # absent from float32 runs' checkpoints
+    loss_scale: Optional[dict] = None
 
     def save(self, path, model, optimizer) -> Path:
-        meta = {k: v for k, v in asdict(self).items() if k != "optimizer"}
+        meta = {k: v for k, v in asdict(self).items()
+                if k != "optimizer" and not (k == "loss_scale" and v is None)}
         return save_checkpoint(path, *pack_training_state(model, optimizer, meta))
 
     @classmethod

@@ -340,9 +340,17 @@ def check_optimizer_tensors(specs: dict, n_params: int, with_state: list, path) 
                               + _EDITED)
 
 
+def _loss_scale(v) -> bool:
+    """A LossScaler state: the scale (halved and doubled from a power of two, so one itself) and
+    the count of good steps since it last changed."""
+    return (isinstance(v, dict) and set(v) == {"scale", "good_steps"} and _is_finite(v["scale"])
+            and 2.0 ** -24 <= v["scale"] <= 2.0 ** 64 and math.frexp(v["scale"])[0] == 0.5
+            and _is_int(v["good_steps"]) and 0 <= v["good_steps"] < 1 << 62)
+
+
 def validate_training_meta(meta: dict, path, specs: Optional[dict] = None) -> None:
     """Check the fields a resumed run reads: ``train_config`` (a dict; its values are the
-    trainer's to validate), ``step``, ``best_val_loss``, ``elapsed_s``, ``data``, both
+    trainer's to validate), ``step``, ``best_val_loss``, ``elapsed_s``, ``data``, ``loss_scale``, both
     random generator states and the optimizer state; with ``specs``, the optimizer's
     tensors must be present, in float, and each parameter's two moments of one shape.
 
@@ -357,6 +365,8 @@ def validate_training_meta(meta: dict, path, specs: Optional[dict] = None) -> No
     _field(meta, "data", path, lambda v: isinstance(v, dict) and all(
         isinstance(v.get(k, ""), str) for k in ("name", "source_sha256")), "an object with string fields",
         required=False)
+    _field(meta, "loss_scale", path, _loss_scale, "an object {\"scale\": a power of two in [2**-24, 2**64], "
+           "\"good_steps\": a non-negative integer}", required=False)
     rng = _field(meta, "rng", path, lambda v: isinstance(v, dict) and set(v) == {"batches", "tinytensor"},
                  "an object with 'batches' and 'tinytensor'")
     for where in ("batches", "tinytensor"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 from tinytensor.backend import BACKENDS
+from tinytensor.optim import COMPUTE_DTYPES
 
 from .model import MODELS, GPTConfig, ModelOptions
 from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
@@ -73,6 +74,9 @@ class TrainConfig(ModelOptions):
     # run
     seed: int = _opt(1337, "seed of the initialisation, the batches and dropout (0 .. 2**32-1)", resume="keep")
     backend: str = _opt("numpy", "array library: numpy (CPU) or cupy (NVIDIA GPU)", choices=BACKENDS)
+    dtype: str = _opt("float32", "compute dtype: float16/bfloat16 run the forward and backward in it with float32 "
+                                 "master weights and dynamic loss scaling (bfloat16: numpy only, needs ml_dtypes)",
+                      resume="keep", choices=COMPUTE_DTYPES)
     out_dir: str = _opt("out", "folder for checkpoints, metrics.jsonl and loss.png", resume="local",
                         metavar="DIR")
     resume: bool = _opt(False, "continue the run whose checkpoint is in --out-dir", resume="local")

@@ -126,6 +126,10 @@ class CausalSelfAttention(nn.Module):
             # fused: split heads, causal softmax(q k^T / sqrt(hs)) v, merge heads -> (B, T, C)
             y = F.multi_head_attention(qkv, self.n_head, causal=True,
                                        dropout_p=self.dropout if self.training else 0.0)
+            if y.dtype != qkv.dtype:
+                # ml_dtypes' bfloat16 matmul returns float32, so on NumPy attention on bfloat16 runs (and
+                # returns) in float32: back to the compute dtype, so the residual stream stays in it
+                y = y.astype(qkv.dtype)
         else:
             y = cache.attend(layer, qkv, self.n_head)  # inference: also attends to the cached tokens
         return self.resid_dropout(self.c_proj(y))

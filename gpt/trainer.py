@@ -57,10 +57,12 @@ def resume_config(cfg: C.TrainConfig, overrides, run: RunDir):
         saved = C.config_from_dict(state.train_config)
     except ValueError as exc:
         raise CheckpointError(f"{run.ckpt}: {exc}") from None
+    defaults = C.TrainConfig()  # a field newer than the checkpoint (e.g. dtype) has its default there
     for name in sorted(set(overrides) & set(C.fields_resumed_as("keep"))):
-        if saved.get(name) != getattr(cfg, name):
+        if saved.get(name, getattr(defaults, name)) != getattr(cfg, name):
             raise UsageError(f"{C._flag(name)} {getattr(cfg, name)} differs from the checkpoint's "
-                             f"{saved.get(name)}; a resumed run keeps its model, data and seed")
+                             f"{saved.get(name, getattr(defaults, name))}; a resumed run keeps its model, data, "
+                             "seed and dtype")
     local = set(C.fields_resumed_as("local"))
     merged = {k: v for k, v in saved.items() if k not in local}
     merged.update({k: getattr(cfg, k) for k in local | set(overrides)})
@@ -97,6 +99,7 @@ class Trainer:
         self.runlog = RunLog(cfg)  # messages only, until run() opens the metrics
         self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
+        compute_dtype = tt.optim.resolve_dtype(cfg.dtype, cfg.backend)  # (bfloat16: ml_dtypes' hint)
         tt.manual_seed(cfg.seed)
         self.data = self._dataset(resumed)
         meta = self.data.meta
@@ -105,9 +108,13 @@ class Trainer:
         if cfg.backend == "numpy":  # (CuPy's limit is the GPU's memory, which only CuPy can tell)
             check_fits(training_bytes(self.model_config, cfg), "this configuration",
                        "lower --batch-size, --block-size, --n-embd or --n-layer")
+        # the float32 model: the optimizer's (master weights) and the checkpoints'
         self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                          (cfg.beta1, cfg.beta2))
+        # --dtype float16/bfloat16: forward and backward on a low-precision copy (None: float32)
+        self.mixed = None if cfg.dtype == "float32" else tt.optim.MixedPrecision(self.model, compute_dtype)
+        self.compute_model = self.model if self.mixed is None else self.mixed.model
         self.batch_rng = np.random.default_rng(cfg.seed)
         if resumed is not None:
             self._restore(resumed)
@@ -158,6 +165,12 @@ class Trainer:
         self.step = state.step
         self.best_val = math.inf if state.best_val_loss is None else float(state.best_val_loss)
         self.elapsed = float(state.elapsed_s)
+        if self.mixed is not None:
+            if state.loss_scale is None:
+                raise CheckpointError(f"{self.run_dir.ckpt}: it has no loss_scale, which a --dtype {self.cfg.dtype} "
+                                      "run needs to resume exactly; start a new run")
+            self.mixed.scaler.load_state_dict(state.loss_scale)
+            self.mixed.refresh()
         self.batch_rng.bit_generator.state = state.rng["batches"]
         tt.set_rng_state(state.rng["tinytensor"])
         self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
@@ -174,6 +187,7 @@ class Trainer:
             data={"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]}, step=self.step,
             best_val_loss=self.best_val if math.isfinite(self.best_val) else None, elapsed_s=self.elapsed,
             rng={"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
+            loss_scale=None if self.mixed is None else self.mixed.scaler.state_dict(),
         ).save(path or self.run_dir.ckpt, self.model, self.optimizer)
 
     # -- evaluation -----------------------------------------------------------------------------------------
@@ -182,13 +196,13 @@ class Trainer:
         the step, so evaluating never changes the training batches (exact resume)."""
         cfg, out = self.cfg, {}
         rng = np.random.default_rng([cfg.seed, self.step, 1])
-        self.model.eval()
+        self.compute_model.eval()
         with tt.no_grad():
             for split, data in (("train", self.data.train), ("val", self.data.val)):
-                losses = [self.model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].item()
+                losses = [self.compute_model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].item()
                           for _ in range(cfg.eval_iters)]
                 out[split] = float(np.mean(losses))
-        self.model.train()
+        self.compute_model.train()
         return out
 
     def sample_text(self, n_tokens):
@@ -197,6 +211,7 @@ class Trainer:
             prompt = tok.encode("\n")
         except TokenizerError:
             prompt = [0]
+        # from the float32 master weights, whatever --dtype
         ids = self.model.generate(np.array([prompt]), n_tokens, temperature=0.8, top_k=200,
                                   seed=self.cfg.seed + self.step)
         return tok.decode(ids[0, len(prompt):].tolist())
@@ -215,7 +230,7 @@ class Trainer:
         lr = self.lr_at(self.step)
         # all micro-batches drawn at once: grad_accum N is exactly an N-times batch
         x, y = get_batch(self.data.train, cfg.batch_size * cfg.grad_accum, cfg.block_size, self.batch_rng)
-        loss = train_step(self.model, self.optimizer, x, y, lr, cfg.grad_accum, cfg.grad_clip)
+        loss = train_step(self.model, self.optimizer, x, y, lr, cfg.grad_accum, cfg.grad_clip, self.mixed)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
                                 f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
@@ -225,8 +240,9 @@ class Trainer:
     def run(self, stop: StopRequest) -> int:
         """Train to max_iters (evaluating, sampling and saving on the way). Returns the exit code."""
         cfg = self.cfg
+        dtype = "" if self.mixed is None else f", dtype {cfg.dtype}"
         self.log(f"{cfg.model}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
-                 f"backend {cfg.backend}, dataset {self.data.name}, {cfg.max_iters} steps")
+                 f"backend {cfg.backend}{dtype}, dataset {self.data.name}, {cfg.max_iters} steps")
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
         evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
         self.runlog.open(self.run_dir, self.step, resumed=cfg.resume)
@@ -377,26 +393,53 @@ class RunLog:
             self.metrics = None
 
 
-def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip: float = 0.0) -> float:
+def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip: float = 0.0,
+               mixed: tt.optim.MixedPrecision | None = None) -> float:
     """One optimizer step on the batch (x, y), split into ``grad_accum`` micro-batches whose
     gradients add up to the whole batch's; returns the mean loss. The optimizer is not
     stepped when the loss is not finite (the caller stops the run).
+
+    With ``mixed`` (mixed precision: ``model`` is its float32 master), the forward and backward
+    run on ``mixed.model`` from a gradient seeded with the loss scale; the gradients are
+    unscaled into the masters in float32, and a step whose gradients hold Inf/NaN is skipped
+    (the weights unchanged) while the scaler halves its scale.
 
     >>> loss = train_step(model, opt, x, y, lr=1e-3, grad_clip=1.0)   # doctest: +SKIP
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad()
+    if mixed is not None:
+        mixed.zero_grad()
     total = None
     for xs, ys in zip(np.split(x, grad_accum), np.split(y, grad_accum)):
-        _, loss = model(xs, ys)
-        (loss * (1.0 / grad_accum)).backward()
+        if mixed is None:
+            _, loss = model(xs, ys)
+            (loss * (1.0 / grad_accum)).backward()
+        else:
+            # an overflow in float16 is expected now and then (the scaler's signal to back off): no warnings
+            with np.errstate(over="ignore", invalid="ignore"):
+                _, loss = mixed.model(xs, ys)
+                loss.backward(mixed.scaler.seed(loss, grad_accum))
         # summed where the loss is (float64, as Python floats were) and read once below: on a GPU
         # every read waits for all queued work, so one per step, not one per micro-batch
         part = loss.data.astype(np.float64)
         total = part if total is None else total + part
     loss = float(total) / grad_accum
     if not math.isfinite(loss):
+        return loss
+    if mixed is not None:
+        mixed.unscale_grads()
+        # the one read back besides the loss, clipping or not: Inf/NaN when any gradient is
+        norm = tt.nn.utils.global_grad_norm(model.parameters())
+        mixed.scaler.update(math.isfinite(norm))
+        if not math.isfinite(norm):
+            optimizer.zero_grad()
+            return loss  # skipped: an overflow in the scaled gradients, not in the model
+        if grad_clip > 0:
+            tt.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, norm=norm)
+        optimizer.step()
+        mixed.refresh()
         return loss
     if grad_clip > 0:
         tt.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -159,6 +159,21 @@ def to_numpy(array) -> np.ndarray:
     return to_backend(array, "numpy")
 
 
+def matmul(a, b):
+    """``a @ b`` in ``a``'s dtype. NumPy has no BLAS for float16 or bfloat16 (its float16 matmul
+    is a plain loop, 40x slower here than float32's; ml_dtypes' bfloat16 one returns float32),
+    so on NumPy half-precision operands are multiplied in float32 and the product rounded
+    back: what a GPU's tensor cores do (half inputs, float32 accumulation). CuPy multiplies
+    them natively (cuBLAS). Other dtypes: plain ``a @ b``.
+
+    >>> matmul(np.ones((2, 3), np.float16), np.ones((3, 1), np.float16)).dtype
+    dtype('float16')
+    """
+    if a.dtype.itemsize >= 4 or not isinstance(a, np.ndarray):
+        return a @ b
+    return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+
+
 # -- random numbers ---------------------------------------------------------
 # One NumPy generator decides every random draw, so a run is reproducible from one
 # seed on any backend and its state is all a checkpoint needs for an exact resume.

@@ -125,7 +125,8 @@ def _check_same_backend(op, arrays):
 
 # -- Tensor -------------------------------------------------------------------------
 def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating)
+    # ml_dtypes' bfloat16 (mixed precision on NumPy) is a void-kind dtype, not a np.floating subtype
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
 
 
 class _DeferredFunctional:

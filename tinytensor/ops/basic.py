@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import xp_of
-from ..tensor import Function, register
+from ..tensor import Function, _is_float, register
 
 
 def unbroadcast(grad, shape):
@@ -160,7 +160,7 @@ class Cast(Function):
         return a.astype(dtype)
 
     def backward(self, g):
-        return g.astype(self.dtype) if np.issubdtype(self.dtype, np.floating) else None
+        return g.astype(self.dtype) if _is_float(self.dtype) else None
 
 
 # -- reductions ----------------------------------------------------------------------------

@@ -16,31 +16,44 @@ from ..tensor import Function, register
 from .parallel import for_row_chunks
 
 
+def _f32(a):
+    """float16/bfloat16 (mixed precision) as float32, other arrays as they are: the fused ops
+    below reduce in float32, since a sum of many half-precision terms loses its low digits
+    (float16 keeps 11 bits) or overflows (float16 stops at 65504), and return the input's dtype."""
+    return a.astype(np.float32) if a.dtype.itemsize < 4 else a
+
+
 @register
 class Softmax(Function):
     def forward(self, a, axis=-1):
         xp = xp_of(a)
-        e = xp.exp(a - a.max(axis=axis, keepdims=True))
+        a32 = _f32(a)  # float32 inside for half-precision input: the row sum
+        e = xp.exp(a32 - a32.max(axis=axis, keepdims=True))
         e /= e.sum(axis=axis, keepdims=True)
+        e = e.astype(a.dtype, copy=False)
         self.out, self.axis = e, axis  # keep the output: the backward needs only it
         return e
 
     def backward(self, g):
-        p = self.out
-        return p * (g - (g * p).sum(axis=self.axis, keepdims=True))
+        p, g32 = _f32(self.out), _f32(g)
+        return (p * (g32 - (g32 * p).sum(axis=self.axis, keepdims=True))).astype(g.dtype, copy=False)
 
 
 @register
 class LogSoftmax(Function):
     def forward(self, a, axis=-1):
         xp = xp_of(a)
-        shifted = a - a.max(axis=axis, keepdims=True)
+        a32 = _f32(a)  # float32 inside for half-precision input: the log of the row sum
+        shifted = a32 - a32.max(axis=axis, keepdims=True)
         shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        shifted = shifted.astype(a.dtype, copy=False)
         self.out, self.axis = shifted, axis
         return shifted
 
     def backward(self, g):
-        return g - xp_of(g).exp(self.out) * g.sum(axis=self.axis, keepdims=True)
+        g32 = _f32(g)
+        gx = g32 - xp_of(g).exp(_f32(self.out)) * g32.sum(axis=self.axis, keepdims=True)
+        return gx.astype(g.dtype, copy=False)
 
 
 def _row_sums(a):
@@ -83,6 +96,10 @@ class LayerNorm(Function):
         for p in params:
             if p.shape != (C,):
                 raise ValueError(f"weight/bias shape {tuple(p.shape)} does not match the last dim {C}")
+        # half precision: mean and variance (row reductions) in float32, xhat kept in float32 for
+        # backward's reductions too; the output and the gradients come back in the input's dtype
+        self.dtype = x.dtype
+        x, params = _f32(x), [_f32(p) for p in params]
         x2 = x.reshape(-1, C)  # rows: split over the cores
         self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), x.dtype)
         for_row_chunks(lambda *rows: _layer_norm_forward(*rows, eps), x2, self.xhat, self.rstd)
@@ -91,11 +108,11 @@ class LayerNorm(Function):
         y = self.xhat * self.weight if has_weight else self.xhat.copy()
         if has_bias:
             y += params[-1]
-        return y.reshape(x.shape)
+        return y.reshape(x.shape).astype(self.dtype, copy=False)
 
     def backward(self, g):
         xp = xp_of(g)
-        g2 = g.reshape(self.xhat.shape)
+        g2 = _f32(g).reshape(self.xhat.shape)
         gxhat = g2 * self.weight if self.has_weight else xp.asarray(g2)
         gx = xp.empty_like(gxhat)
         for_row_chunks(_layer_norm_backward, self.xhat, self.rstd, gxhat, gx)
@@ -105,7 +122,7 @@ class LayerNorm(Function):
         if self.has_bias:
             grads.append(xp.ones((1, g2.shape[0]), g2.dtype) @ g2)  # column sums by BLAS
             grads[-1] = grads[-1][0]
-        return tuple(grads)
+        return tuple(gr.astype(self.dtype, copy=False) for gr in grads)
 
 
 def check_targets(op, targets, n_classes, ignore_index=None):
@@ -147,6 +164,9 @@ class CrossEntropy(Function):
             raise ValueError(f"logits must be (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
         valid = targets != ignore_index
         safe_t = xp.where(valid, targets, 0)
+        # half-precision logits: the softmax, its row sums and the mean in float32 (the probabilities
+        # kept for backward too); the loss and the logits' gradient come back in the logits' dtype
+        self.dtype, logits = logits.dtype, _f32(logits)
         e = logits - logits.max(axis=1, keepdims=True)
         target_logit = xp.take_along_axis(e, safe_t[:, None], axis=1)[:, 0]
         xp.exp(e, out=e)
@@ -158,16 +178,16 @@ class CrossEntropy(Function):
         self.probs, self.targets, self.valid, self.count = e, safe_t, valid, count
         nll = (xp.log(s) - target_logit) * valid
         # no valid target: NaN, as PyTorch's mean over nothing (maximum: no 0/0 warning)
-        return xp.where(count > 0, nll.sum() / xp.maximum(count, 1), np.nan).astype(logits.dtype)
+        return xp.where(count > 0, nll.sum() / xp.maximum(count, 1), np.nan).astype(self.dtype)
 
     def backward(self, g):
         xp = xp_of(g)
         grad = self.probs  # reused in place: it is not needed again
         rows = xp.arange(grad.shape[0])
         grad[rows, self.targets] -= 1
-        grad *= (self.valid * (g / xp.maximum(self.count, 1)))[:, None].astype(grad.dtype)
+        grad *= (self.valid * (_f32(g) / xp.maximum(self.count, 1)))[:, None].astype(grad.dtype)
         self.probs = None
-        return grad, None
+        return grad.astype(self.dtype, copy=False), None
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -229,7 +249,7 @@ def scatter_add_rows(idx, g, n_rows):
         # small vocabularies: a one-hot matrix product is much faster than scatter-add
         one_hot = xp.zeros((n_rows, flat_idx.size), g.dtype)
         one_hot[flat_idx, xp.arange(flat_idx.size)] = 1
-        return one_hot @ flat_g
+        return backend.matmul(one_hot, flat_g)
     # large vocabularies: sort the rows and add each run of equal indices
     order = xp.argsort(flat_idx, kind="stable")
     sorted_idx = flat_idx[order]
@@ -278,15 +298,18 @@ class Linear(Function):
                              f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
         self.x2 = x.reshape(-1, x.shape[-1])  # rows = tokens: the fast layout for BLAS
         self.x_shape, self.weight, self.has_bias = x.shape, weight, bool(bias)
-        y = self.x2 @ weight.T
+        y = backend.matmul(self.x2, weight.T)  # (half precision on NumPy: float32 inside, see there)
         if bias:
             y += bias[0]
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ self.weight).reshape(self.x_shape) if self.needs_grad[0] else None
-        gw = g2.T @ self.x2 if self.needs_grad[1] else None
+        gx = backend.matmul(g2, self.weight).reshape(self.x_shape) if self.needs_grad[0] else None
+        gw = backend.matmul(g2.T, self.x2) if self.needs_grad[1] else None
+        # mixed precision: g may come in another dtype than x (see gpt.model's attention)
+        gx = gx if gx is None else gx.astype(self.x2.dtype, copy=False)
+        gw = gw if gw is None else gw.astype(self.weight.dtype, copy=False)
         if self.has_bias:
             return gx, gw, g2.sum(axis=0)
         return gx, gw
