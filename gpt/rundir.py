@@ -6,6 +6,8 @@
   It is the run's history: checkpoints do not carry it, so their header stays small;
 * ``loss.png``; ``.lock`` (held while a run is going: a second run in the same folder is refused).
 
+:class:`RunLog` is the one place a run reports: messages, progress, metrics rows.
+
 >>> run = RunDir("out")           # doctest: +SKIP
 >>> with run.locked():            # doctest: +SKIP
 ...     run.check_fresh(overwrite=False)
@@ -16,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, remove_stale_temps
@@ -127,3 +130,60 @@ class MetricsFile:
 
 def _reject(constant):
     raise ValueError(f"not a number: {constant}")
+
+
+class RunLog:
+    """Everything a run reports, in one place: messages (stderr, above the bar), progress (a
+    tqdm bar on a terminal; one plain line every --log-interval steps otherwise, e.g. a log
+    file), and the metrics rows (metrics.jsonl, kept in memory too for the plot)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.bar, self.metrics, self.history = cfg, None, None, []
+
+    def open(self, run: RunDir, start_step: int, resumed: bool):
+        self.history, self.metrics = run.open_metrics(start_step if resumed else None)
+        if self.cfg.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.cfg.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def message(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _row(self, row):
+        self.metrics.write(row)
+        self.history.append(row)
+
+    def step(self, row):
+        self._row(row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:,.0f}",
+                                 refresh=False)
+        elif row["step"] % self.cfg.log_interval == 0:
+            self.message(f"step {row['step']} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                         f"{row['ms']:.1f} ms/step | {row['tok_per_s']:,.0f} tok/s")
+
+    def eval(self, row):
+        self._row(row)
+        self.flush()
+        self.message(f"step {row['step']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                     f"val {row['val_bpc']:.3f} bits/char")
+
+    def flush(self):
+        if self.metrics is not None:
+            self.metrics.flush()
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self.close_bar()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
