@@ -21,7 +21,8 @@ from gpt import train as train_cli
 from gpt import trainer
 from gpt.checkpoint import load_checkpoint
 from gpt.model import GPT, GPTConfig
-from textgen import make_text
+# the run fixtures and helpers (module corpus, temporary data dir, no plotting) are test_train's
+from test_train import _data_dir_and_no_plot, corpus, read_metrics, train, workdir  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not tt.cupy_available(), reason="CuPy with a GPU is not available "
                                 "(and TINYTENSOR_CUPY_STANDIN=off)")
@@ -29,30 +30,6 @@ standin_only = pytest.mark.skipif(not cupy_standin.installed(), reason="counting
 
 # a real GPU rounds differently (cuBLAS, reduction order); the stand-in is NumPy, so exact there
 LOSS_RTOL = 0 if cupy_standin.installed() else 1e-4
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt_cupy")
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    return root, corpus
-
-
-@pytest.fixture(autouse=True)
-def _data_dir_and_no_plot(workdir, monkeypatch):
-    monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
-    monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
-
-
-def train(corpus, out_dir, *extra):
-    return train_cli.main(["--preset", "tiny", "--input", str(corpus), "--out-dir", str(out_dir), "--eval-iters", "2",
-                           "--sample-tokens", "0", "--progress", "false", *map(str, extra)])
-
-
-def read_metrics(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
 @pytest.fixture(scope="module")

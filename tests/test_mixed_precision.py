@@ -19,7 +19,8 @@ from gpt import train as train_cli
 from gpt import trainer
 from gpt.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_metadata, validate_training_meta
 from gpt.model import GPT, GPTConfig
-from textgen import make_text
+# the run fixtures and helpers (module corpus, temporary data dir, no plotting) are test_train's
+from test_train import _data_dir_and_no_plot, corpus, read_metrics, train, workdir  # noqa: F401
 from tinytensor.optim import LossScaler, MixedPrecision, resolve_dtype
 
 try:
@@ -29,31 +30,6 @@ except ImportError:
     HAVE_ML_DTYPES = False
 needs_ml_dtypes = pytest.mark.skipif(not HAVE_ML_DTYPES, reason="bfloat16 needs ml_dtypes (pip install ml_dtypes)")
 LOW_DTYPES = ["float16", pytest.param("bfloat16", marks=needs_ml_dtypes)]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    corpus = root / "corpus.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    return root, corpus
-
-
-@pytest.fixture(autouse=True)
-def _data_dir_and_no_plot(workdir, monkeypatch):
-    monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", workdir[0] / "data")
-    monkeypatch.delenv("GPT_DATA_DIR", raising=False)
-    monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
-
-
-def train(corpus, out_dir, *extra):
-    return train_cli.main(["--preset", "tiny", "--input", str(corpus), "--out-dir", str(out_dir), "--eval-iters", "2",
-                           "--sample-tokens", "0", "--progress", "false", *map(str, extra)])
-
-
-def read_metrics(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
 
 
 def tiny(backend="numpy"):
