@@ -192,7 +192,7 @@ def validate_model_meta(meta: dict, path, specs: Optional[dict] = None, copies: 
     model). With ``specs`` (from the header), the weights' names and shapes must be
     exactly those the config implies. Nothing is allocated beyond the tokenizer.
     """
-    from .model import MODELS, GPTConfig
+    from .model import ARCHITECTURE_OPTIONS, MODELS, GPTConfig
 
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
@@ -200,8 +200,10 @@ def validate_model_meta(meta: dict, path, specs: Optional[dict] = None, copies: 
                         f"one of {', '.join(map(repr, MODELS))}")
     fields = list(GPTConfig.__dataclass_fields__)
     raw = _field(meta, "model_config", path, lambda v: isinstance(v, dict), "an object (dict)")
-    if set(raw) != set(fields):
-        missing, extra = sorted(set(fields) - set(raw)), sorted(set(raw) - set(fields))
+    # a checkpoint written before the architecture options is the GPT their defaults build
+    missing_options = set(ARCHITECTURE_OPTIONS) - set(raw)
+    if set(raw) | missing_options != set(fields):
+        missing, extra = sorted(set(fields) - set(raw) - missing_options), sorted(set(raw) - set(fields))
         raise CheckpointError(f"{path}: model_config must have exactly the fields {', '.join(fields)}"
                               + (f"; missing {', '.join(missing)}" if missing else "")
                               + (f"; unknown {', '.join(map(_show, extra))}" if extra else "") + f"; {_EDITED}")
@@ -310,10 +312,12 @@ def check_optimizer_meta(opt, path) -> list[int]:
     return sorted(int(k) for k in state)
 
 
-def check_optimizer_tensors(specs: dict, n_params: int, with_state: list, path) -> None:
+def check_optimizer_tensors(specs: dict, groups: list, with_state: list, path) -> None:
     """The ``optimizer.<index>.<name>`` tensors: a parameter index with saved state, a state
-    name, float data; every such parameter has the same array names (AdamW: exp_avg and
-    exp_avg_sq), all of one shape (the parameter's)."""
+    name, float data; within a parameter group every parameter with state has the same array
+    names (AdamW: exp_avg and exp_avg_sq; Muon: momentum_buffer: a combined optimizer's groups
+    differ), all of one shape (the parameter's)."""
+    n_params = sum(len(g["params"]) for g in groups)
     arrays: dict = {}
     for name, spec in specs.items():
         if not name.startswith("optimizer."):
@@ -324,17 +328,20 @@ def check_optimizer_tensors(specs: dict, n_params: int, with_state: list, path) 
             raise CheckpointError(f"{path}: optimizer tensor {_show(name)} ({spec.dtype}) is not "
                                   f"optimizer.<parameter index below {n_params}>.<state name> in float; {_EDITED}")
         arrays.setdefault(int(parts[1]), {})[parts[2]] = spec
-    names = set().union(*arrays.values()) if arrays else set()
-    for i in with_state:
-        missing = sorted(names - set(arrays.get(i, {})))
-        if missing:
-            raise CheckpointError(f"{path}: optimizer tensors {', '.join(f'optimizer.{i}.{m}' for m in missing)} "
-                                  f"are missing; {_EDITED}")
-        shapes = {tuple(spec.shape) for spec in arrays.get(i, {}).values()}
-        if len(shapes) > 1:
-            raise CheckpointError(f"{path}: the optimizer tensors of parameter {i} must be of one shape, got "
-                                  f"{sorted(shapes)}; {_EDITED}")
-    stray = sorted(set(arrays) - set(with_state))
+    stateful = set(with_state)
+    for g in groups:
+        in_group = [i for i in g["params"] if i in stateful]
+        names = set().union(*(arrays.get(i, {}) for i in in_group))
+        for i in in_group:
+            missing = sorted(names - set(arrays.get(i, {})))
+            if missing:
+                raise CheckpointError(f"{path}: optimizer tensors "
+                                      f"{', '.join(f'optimizer.{i}.{m}' for m in missing)} are missing; {_EDITED}")
+            shapes = {tuple(spec.shape) for spec in arrays.get(i, {}).values()}
+            if len(shapes) > 1:
+                raise CheckpointError(f"{path}: the optimizer tensors of parameter {i} must be of one shape, got "
+                                      f"{sorted(shapes)}; {_EDITED}")
+    stray = sorted(set(arrays) - stateful)
     if stray:
         raise CheckpointError(f"{path}: optimizer tensors for parameter {stray[0]}, which has no saved state; "
                               + _EDITED)
@@ -377,5 +384,4 @@ def validate_training_meta(meta: dict, path, specs: Optional[dict] = None) -> No
     meta["optimizer"] = upgrade_optimizer_meta(meta["optimizer"])
     with_state = check_optimizer_meta(meta["optimizer"], path)
     if specs is not None:
-        n_params = sum(len(g["params"]) for g in meta["optimizer"]["param_groups"])
-        check_optimizer_tensors(specs, n_params, with_state, path)
+        check_optimizer_tensors(specs, meta["optimizer"]["param_groups"], with_state, path)

@@ -22,6 +22,9 @@ from tinytensor.optim import COMPUTE_DTYPES
 from .model import MODELS, GPTConfig, ModelOptions
 from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
 
+OPTIMIZERS = ("adamw", "muon")  # built by gpt.trainer.build_optimizer
+LR_SCHEDULES = ("cosine", "wsd")  # gpt.trainer.Trainer.lr_at
+
 # What `--resume` does with a field (the `resume` entry of its metadata):
 #   "keep"   the run's identity (model shape, data, seed): the checkpoint's value; a different one is an error
 #   "free"   the checkpoint's value unless the command line sets it (e.g. --max-iters to train longer)
@@ -56,12 +59,21 @@ class TrainConfig(ModelOptions):
     batch_size: int = _opt(12, "sequences per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per step: the same as a grad_accum times larger batch")
     max_iters: int = _opt(2000, "optimizer steps in all (raise it on --resume to train longer)")
-    learning_rate: float = _opt(1e-3, "peak learning rate")
-    min_lr: float = _opt(1e-4, "learning rate at the end of the cosine decay")
+    optimizer: str = _opt("adamw", "adamw: AdamW on every parameter; muon: Muon on the blocks' attention and MLP "
+                                   "matrices, AdamW on embeddings, head, gains and biases", resume="keep",
+                          choices=OPTIMIZERS)
+    learning_rate: float = _opt(1e-3, "peak learning rate (AdamW's)")
+    min_lr: float = _opt(1e-4, "learning rate at the end of the decay (Muon's: the same fraction of --muon-lr)")
     warmup_iters: int = _opt(100, "steps of linear warmup")
-    lr_decay_iters: Optional[int] = _opt(None, "step where the cosine reaches --min-lr (default: --max-iters)")
-    decay_lr: bool = _opt(True, "warmup + cosine decay; false keeps --learning-rate constant")
+    lr_decay_iters: Optional[int] = _opt(None, "step where the decay reaches --min-lr (default: --max-iters)")
+    decay_lr: bool = _opt(True, "warmup + decay (--lr-schedule); false keeps the learning rates constant")
+    lr_schedule: str = _opt("cosine", "cosine: warmup, cosine decay; wsd: warmup, constant, linear decay over the "
+                                      "last --decay-frac", choices=LR_SCHEDULES)
+    decay_frac: float = _opt(0.2, "wsd: the fraction of the steps spent decaying, in [0, 1]")
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices")
+    muon_lr: float = _opt(0.02, "--optimizer muon: Muon's peak learning rate")
+    muon_momentum: float = _opt(0.95, "--optimizer muon: Muon's (Nesterov) momentum, in [0, 1)")
+    muon_weight_decay: float = _opt(0.0, "--optimizer muon: Muon's decoupled weight decay")
     beta1: float = _opt(0.9, "AdamW beta1, in [0, 1)")
     beta2: float = _opt(0.99, "AdamW beta2, in [0, 1)")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 disables clipping)")
@@ -105,7 +117,7 @@ class TrainConfig(ModelOptions):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "sample_tokens", "learning_rate", "min_lr", "weight_decay",
-                     "grad_clip", "lr_decay_iters"):
+                     "grad_clip", "lr_decay_iters", "muon_lr", "muon_weight_decay"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
@@ -119,6 +131,10 @@ class TrainConfig(ModelOptions):
             self.model_config(vocab_size=1)
         except ValueError as exc:
             raise ValueError(_MODEL_FIELD.sub(lambda m: _flag(m[0]), str(exc))) from None
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"--decay-frac must be in [0, 1], got {self.decay_frac}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"--beta1/--beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.vocab_size is not None and not MIN_BPE_VOCAB <= self.vocab_size <= MAX_VOCAB:

@@ -81,9 +81,10 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     last_only=)``, ``new_cache(batch)`` and ``config.block_size``.
 
     With the KV cache each new token costs one position's forward. The context is
-    cropped to the last ``block_size`` tokens exactly as without the cache; once it
-    would overflow, positions shift (they are learned and absolute), so the cache is
-    rebuilt from the cropped context.
+    cropped to the last ``block_size`` tokens exactly as without the cache. With learned
+    absolute positions, once it would overflow, positions shift, so the cache is rebuilt
+    from the cropped context. With RoPE the cache slides instead (``KVCache.sliding``):
+    past the window it drops its oldest token per new one and keeps going.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     idx = np.asarray(idx, dtype=np.int64)
@@ -99,7 +100,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             for _ in range(max_new_tokens):
                 if not kv_cache:
                     logits, _ = model(context, last_only=True)
-                elif cache is None or cache.length >= cache.capacity:
+                elif cache is None or cache.needs_rebuild:
                     cache = model.new_cache(context.shape[0])  # (re)build from the cropped context
                     logits, _ = model(context, cache=cache, last_only=True)
                 else:
@@ -116,7 +117,13 @@ class KVCache:
 
     Only for inference (under ``tt.no_grad()``). With learned absolute positions
     the cache is valid only while the whole context fits in ``block_size``: once
-    it would overflow, the caller crops the context and rebuilds the cache.
+    it would overflow, the caller crops the context and rebuilds the cache. With
+    RoPE (``sliding``) the keys were rotated at their own absolute positions and
+    attention scores depend only on distances, so past the window the cache shifts
+    out its oldest entries and keeps the last block_size - 1 tokens for the new one.
+    (Past the window in a model of more than one layer, the kept keys of later layers
+    were computed when older tokens were still in view, as in sliding-window
+    attention: recomputing the cropped context gives slightly different numbers.)
     """
 
     def __init__(self, config, batch: int, xp, dtype):  # config: a GPTConfig
@@ -125,7 +132,32 @@ class KVCache:
         self.keys = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
         self.values = [xp.empty(shape, dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored (the same in every layer)
+        self.position = 0  # tokens seen: the absolute position of the next one
         self.capacity = config.block_size
+        self.sliding = getattr(config, "pos", "learned") == "rope"
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """A cache of absolute positions that is full: the caller rebuilds it from the cropped context."""
+        return not self.sliding and self.length >= self.capacity
+
+    def make_room(self, T: int):
+        """Before T new tokens: a sliding cache drops its oldest entries so that they fit.
+        A shift rather than a ring buffer keeps the stored keys in order for cached_attention's
+        causal mask; it copies (a copy, as CuPy does not promise overlapping copies) what
+        attention reads anyway, so it costs about as much as one token's attention."""
+        drop = self.length + T - self.capacity
+        if not self.sliding or drop <= 0:
+            return
+        keep = self.length - drop
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[:, :, :keep] = buf[:, :, drop:self.length].copy()
+        self.length = keep
+
+    def advance(self, T: int):
+        self.length += T
+        self.position += T
 
     def attend(self, layer: int, qkv, n_head: int):
         """Causal attention of new tokens' packed q, k, v (B, T, 3C) over every cached

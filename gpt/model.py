@@ -1,6 +1,8 @@
 """The GPT language model (GPT-2 architecture, nanoGPT's names), on tinytensor.
 
-Reads top-down: config, attention, MLP, block, the model, then a bigram baseline.
+Reads top-down: config, the option pieces (norms, rotary positions), attention, MLP, block,
+the model, then a bigram baseline. The defaults are GPT-2's; ModelOptions lists the modern
+alternatives (RoPE, RMSNorm, ReLU^2/SwiGLU, QK-norm, an untied zero-init head, ...).
 
 >>> import numpy as np
 >>> from gpt.model import GPT, GPTConfig
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -45,6 +47,30 @@ class ModelOptions:
     n_embd: int = field(default=384, metadata={"help": "embedding width"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability in [0, 1)"})
     bias: bool = field(default=True, metadata={"help": "biases in Linear layers and LayerNorms, as GPT-2"})
+    pos: str = field(default="learned", metadata={
+        "help": "positions: learned absolute embeddings (GPT-2's wpe) or rope (rotary, on each head's "
+                "queries and keys; no wpe, and the KV cache slides past the window)",
+        "choices": ("learned", "rope")})
+    norm: str = field(default="layernorm", metadata={
+        "help": "normalisation before attention, MLP and head: layernorm or rmsnorm (no mean, no bias)",
+        "choices": ("layernorm", "rmsnorm")})
+    norm_gain: bool = field(default=True, metadata={"help": "a learned gain (weight) in each norm; false: "
+                                                            "no learned affine at all (nor LayerNorm's bias)"})
+    mlp: str = field(default="gelu", metadata={
+        "help": "MLP: gelu (GPT-2, hidden 4 n_embd), relu2 (relu(x)^2, hidden 4 n_embd) or swiglu "
+                "(silu(gate) * up, hidden 8/3 n_embd rounded down: about the same parameters)",
+        "choices": ("gelu", "relu2", "swiglu")})
+    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise each head's queries and keys "
+                                                           "(no gain) before attention"})
+    tie_head: bool = field(default=True, metadata={"help": "the output head shares the token embedding "
+                                                           "(GPT-2); false: its own lm_head.weight, zero-initialised"})
+    zero_init_proj: bool = field(default=False, metadata={"help": "zero-initialise the projections into the "
+                                                                  "residual stream (attention and MLP c_proj)"})
+
+
+# The fields added after the first checkpoints: a checkpoint without them is read with their
+# defaults, which build the GPT it was written from.
+ARCHITECTURE_OPTIONS = ("pos", "norm", "norm_gain", "mlp", "qk_norm", "tie_head", "zero_init_proj")
 
 
 @dataclass
@@ -72,9 +98,18 @@ class GPTConfig(ModelOptions):
                 or not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
-        if not isinstance(self.bias, (bool, np.bool_)):
-            raise ValueError(f"bias must be true or false, got {self.bias!r}")
-        self.bias = bool(self.bias)
+        for f in fields(ModelOptions):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+            if f.type in ("bool", bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
+                setattr(self, f.name, bool(value))
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos rope rotates pairs of each head's dimensions: the head size n_embd/n_head "
+                             f"({self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}) must be even")
 
     def to_dict(self):
         return asdict(self)
@@ -95,16 +130,21 @@ class GPTConfig(ModelOptions):
         def linear(name, n_in, n_out):  # nn.Linear: weight (out, in), then bias
             return {f"{name}.weight": (n_out, n_in), **({f"{name}.bias": (n_out,)} if self.bias else {})}
 
-        def layer_norm(name):
-            return {f"{name}.weight": (C,), **({f"{name}.bias": (C,)} if self.bias else {})}
+        def norm(name):  # Norm: weight (the gain), then bias (LayerNorm only)
+            return {**({f"{name}.weight": (C,)} if self.norm_gain else {}),
+                    **({f"{name}.bias": (C,)} if self.bias and self.norm == "layernorm" and self.norm_gain else {})}
 
-        shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+        H = mlp_hidden(self)
+        shapes = {"transformer.wte.weight": (V, C), **({"transformer.wpe.weight": (T, C)} if self.pos == "learned" else {})}
         for i in range(self.n_layer):
             h = f"transformer.h.{i}"
-            shapes.update({**layer_norm(f"{h}.ln_1"), **linear(f"{h}.attn.c_attn", C, 3 * C),
-                           **linear(f"{h}.attn.c_proj", C, C), **layer_norm(f"{h}.ln_2"),
-                           **linear(f"{h}.mlp.c_fc", C, 4 * C), **linear(f"{h}.mlp.c_proj", 4 * C, C)})
-        shapes.update(layer_norm("transformer.ln_f"))  # no lm_head: it is tied to wte
+            shapes.update({**norm(f"{h}.ln_1"), **linear(f"{h}.attn.c_attn", C, 3 * C),
+                           **linear(f"{h}.attn.c_proj", C, C), **norm(f"{h}.ln_2"),
+                           **linear(f"{h}.mlp.c_fc", C, 2 * H if self.mlp == "swiglu" else H),
+                           **linear(f"{h}.mlp.c_proj", H, C)})
+        shapes.update(norm("transformer.ln_f"))
+        if not self.tie_head:  # tied: the head is wte, listed once
+            shapes["lm_head.weight"] = (V, C)
         return shapes
 
     def num_parameters(self, model_type: str = "gpt") -> int:
@@ -112,16 +152,68 @@ class GPTConfig(ModelOptions):
         return sum(math.prod(shape) for shape in self.param_shapes(model_type).values())
 
 
+def mlp_hidden(config: GPTConfig) -> int:
+    """The MLP's hidden width: 4 n_embd, or 8/3 n_embd for swiglu (its c_fc makes two halves,
+    gate and up, so the parameter count stays about the same)."""
+    return 8 * config.n_embd // 3 if config.mlp == "swiglu" else 4 * config.n_embd
+
+
+def rms_norm(x, eps: float = 1e-5):
+    """x / sqrt(mean(x^2) + eps) over the last axis (no mean subtracted, no gain)."""
+    return x * (F.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
+
+
+class Norm(nn.Module):
+    """The norm before attention, MLP and head: LayerNorm (GPT-2; bias with --bias) or RMSNorm
+    (no bias), each with a learned gain ``weight`` unless norm_gain is false (then no bias either,
+    as torch's elementwise_affine=False). With the defaults
+    it is nn.LayerNorm exactly (same names, same op)."""
+
+    def __init__(self, config: GPTConfig, eps: float = 1e-5):
+        super().__init__()
+        C, self.kind, self.eps = config.n_embd, config.norm, eps
+        self.weight = nn.Parameter(np.ones(C, np.float32)) if config.norm_gain else None
+        layer_norm_bias = config.bias and config.norm == "layernorm" and config.norm_gain
+        self.bias = nn.Parameter(np.zeros(C, np.float32)) if layer_norm_bias else None
+
+    def forward(self, x):
+        if self.kind == "layernorm":
+            return F.layer_norm(x, self.weight, self.bias, self.eps)  # fused
+        x = rms_norm(x, self.eps)
+        return x if self.weight is None else x * self.weight
+
+
+def rope_tables(positions, head_size: int, xp, dtype, base: float = 10000.0):
+    """cos and sin (T, 1, hs/2) of the rotary angles pos * base^(-2i/hs), for ``rotate``.
+    Computed in float64 from absolute positions: a position past block_size (a sliding
+    KV cache) is as exact as one inside it."""
+    inv_freq = base ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    angles = np.asarray(positions, dtype=np.float64)[:, None, None] * inv_freq  # (T, 1, hs/2)
+    return tt.Tensor(xp.asarray(np.cos(angles), dtype=dtype)), tt.Tensor(xp.asarray(np.sin(angles), dtype=dtype))
+
+
+def rotate(x, cos, sin):
+    """RoPE on (B, T, nh, hs), GPT-NeoX/llama's half-split convention: dimension i pairs with
+    i + hs/2, each pair turned by its angle. Then q.k depends on positions only through
+    their distance, so keys cached at their own positions stay valid as the window slides."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return F.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.dropout = config.n_head, config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
         qkv = self.c_attn(x)  # (B, T, 3C): every head's queries, keys and values
+        if self.qk_norm or rope is not None:
+            qkv = self.transform_qk(qkv, rope)
         if cache is None:
             # fused: split heads, causal softmax(q k^T / sqrt(hs)) v, merge heads -> (B, T, C)
             y = F.multi_head_attention(qkv, self.n_head, causal=True,
@@ -134,30 +226,54 @@ class CausalSelfAttention(nn.Module):
             y = cache.attend(layer, qkv, self.n_head)  # inference: also attends to the cached tokens
         return self.resid_dropout(self.c_proj(y))
 
+    def transform_qk(self, qkv, rope):
+        """QK-norm, then RoPE, on the query and key parts of the packed projection, which then
+        goes on packed to the fused attention (and the KV cache stores rotated keys)."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        q, k = (t.reshape(B, T, self.n_head, C // self.n_head) for t in (q, k))  # (B, T, nh, hs)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        return F.cat([q.reshape(B, T, C), k.reshape(B, T, C), v], axis=-1)  # (B, T, 3C)
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind, self.hidden = config.mlp, mlp_hidden(config)
+        n_fc = 2 * self.hidden if self.kind == "swiglu" else self.hidden  # swiglu: gate and up, packed
+        self.c_fc = nn.Linear(config.n_embd, n_fc, bias=config.bias)
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h)
+            h = h * h
+        else:  # swiglu: silu(gate) * up
+            gate, up = h[..., :self.hidden], h[..., self.hidden:]
+            h = gate * F.sigmoid(gate) * up
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = Norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,10 +283,11 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos == "learned":  # rope: positions act inside attention, no table
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = Norm(config)
 
 
 class GPT(nn.Module):
@@ -178,21 +295,25 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
+        if not config.tie_head:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self):
         """GPT-2 initialisation: N(0, 0.02), zero biases, and the projections that
         write into the residual stream scaled by 1/sqrt(2 n_layer) so its variance
-        does not grow with depth."""
+        does not grow with depth. Options: zero_init_proj zeroes those projections, and an
+        untied head starts at zero (uniform predictions), as modded-nanogpt."""
         rng = tt.backend.rng()
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            zero = name == "lm_head.weight" or (self.config.zero_init_proj and name.endswith("c_proj.weight"))
+            if zero or name.endswith("bias"):
+                p.data[...] = 0.0
+            elif name.endswith("c_proj.weight"):
                 p.data[...] = rng.normal(0.0, resid_std, p.shape)
             elif p.ndim == 2:  # Linear weights and embeddings
                 p.data[...] = rng.normal(0.0, 0.02, p.shape)
-            elif name.endswith("bias"):
-                p.data[...] = 0.0
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
@@ -202,22 +323,32 @@ class GPT(nn.Module):
         """
         idx = idx.data if isinstance(idx, tt.Tensor) else idx
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        start = cache.position if cache is not None else 0  # absolute position of idx[:, 0]
+        longest = T if cache is not None and cache.sliding else start + T
+        if longest > self.config.block_size:
+            raise ValueError(f"sequence of length {longest} is longer than block_size {self.config.block_size}")
         tr = self.transformer
+        if cache is not None:
+            cache.make_room(T)  # a sliding cache drops its oldest tokens past the window
         # token ids and positions go to the embeddings as they are (on the host, for a batch drawn
         # by NumPy): F.embedding checks them there before moving them, with no read back from a GPU
         pos = np.arange(start, start + T)
-        x = tr.drop(tr.wte(idx) + tr.wpe(pos))  # (B, T, C)
+        x = tr.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + tr.wpe(pos)
+        else:
+            rope = rope_tables(pos, self.config.n_embd // self.config.n_head, x.xp, x.dtype)
+        x = tr.drop(x)
         for layer, block in enumerate(tr.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, rope)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = tr.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = F.linear(x, tr.wte.weight)  # LM head tied to the token embedding, (B, T, vocab)
+        # the LM head: tied to the token embedding (GPT-2) or its own matrix, (B, T, vocab)
+        logits = F.linear(x, tr.wte.weight if self.config.tie_head else self.lm_head.weight)
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import tinytensor as tt
-from tinytensor.optim import warmup_cosine_lr
+from tinytensor.optim import warmup_cosine_lr, warmup_stable_decay_lr
 
 from . import config as C
 from .atomic import atomic_write_bytes
@@ -109,8 +109,8 @@ class Trainer:
                        "lower --batch-size, --block-size, --n-embd or --n-layer")
         # the float32 model: the optimizer's (master weights) and the checkpoints'
         self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
-        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                                         (cfg.beta1, cfg.beta2))
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's schedule peaks there
         # --dtype float16/bfloat16: forward and backward on a low-precision copy (None: float32)
         self.mixed = None if cfg.dtype == "float32" else tt.optim.MixedPrecision(self.model, compute_dtype)
         self.compute_model = self.model if self.mixed is None else self.mixed.model
@@ -216,20 +216,27 @@ class Trainer:
         return tok.decode(ids[0, len(prompt):].tolist())
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def lr_at(self, step):
+    def lr_at(self, step, peak=None):
+        """The learning rate at ``step`` of a group whose peak is ``peak`` (default --learning-rate, the
+        one logged): one schedule for every group, ending at the fraction min_lr / learning_rate of its peak."""
         cfg = self.cfg
+        peak, floor = (cfg.learning_rate, cfg.min_lr) if peak is None or peak == cfg.learning_rate else \
+            (peak, peak * cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0)
         if not cfg.decay_lr:
-            return cfg.learning_rate
+            return peak
         decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
-        return warmup_cosine_lr(step, cfg.learning_rate, cfg.warmup_iters, decay, cfg.min_lr)
+        if cfg.lr_schedule == "wsd":
+            return warmup_stable_decay_lr(step, peak, cfg.warmup_iters, decay, cfg.decay_frac, floor)
+        return warmup_cosine_lr(step, peak, cfg.warmup_iters, decay, floor)
 
     def train_step(self):
         """One optimizer step on the next batch; returns (mean loss, learning rate)."""
         cfg = self.cfg
         lr = self.lr_at(self.step)
+        lrs = [self.lr_at(self.step, peak) for peak in self.peak_lrs]
         # all micro-batches drawn at once: grad_accum N is exactly an N-times batch
         x, y = get_batch(self.data.train, cfg.batch_size * cfg.grad_accum, cfg.block_size, self.batch_rng)
-        loss = train_step(self.model, self.optimizer, x, y, lr, cfg.grad_accum, cfg.grad_clip, self.mixed)
+        loss = train_step(self.model, self.optimizer, x, y, lrs, cfg.grad_accum, cfg.grad_clip, self.mixed)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
                                 f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
@@ -325,6 +332,29 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def build_optimizer(model, cfg: C.TrainConfig):
+    """The run's optimizer (--optimizer): AdamW from the model's ``configure_optimizers``, or Muon on
+    the blocks' 2-D weights (attention and MLP matrices) beside AdamW on every other parameter
+    (embeddings and head with weight decay, gains and biases without), as one ``Combined``.
+
+    >>> opt = build_optimizer(model, cfg)   # doctest: +SKIP
+    """
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas)
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    hidden = [p for p in blocks.parameters() if p.ndim == 2] if blocks is not None else []
+    if not hidden:
+        raise UsageError(f"--optimizer muon needs hidden matrices (--model gpt); the {cfg.model} model has none")
+    in_muon = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in in_muon]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    adamw = tt.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=betas)
+    muon = tt.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+    return tt.optim.Combined([muon, adamw])
+
+
 def _same_hyperparameters(saved: dict, own: dict) -> bool:
     """A saved parameter group has this optimizer's hyperparameters, each of the same kind
     (a number, a flag, a tuple of as many numbers): a checkpoint must not set what we lack."""
@@ -335,11 +365,12 @@ def _same_hyperparameters(saved: dict, own: dict) -> bool:
     return set(saved) == set(own) and all(k == "params" or kind(saved[k]) == kind(own[k]) for k in own)
 
 
-def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip: float = 0.0,
+def train_step(model, optimizer, x, y, lr, grad_accum: int = 1, grad_clip: float = 0.0,
                mixed: tt.optim.MixedPrecision | None = None) -> float:
     """One optimizer step on the batch (x, y), split into ``grad_accum`` micro-batches whose
-    gradients add up to the whole batch's; returns the mean loss. The optimizer is not
-    stepped when the loss is not finite (the caller stops the run).
+    gradients add up to the whole batch's; returns the mean loss. ``lr``: one learning rate for
+    every parameter group, or a list of one per group. The optimizer is not stepped when the
+    loss is not finite (the caller stops the run).
 
     With ``mixed`` (mixed precision: ``model`` is its float32 master), the forward and backward
     run on ``mixed.model`` from a gradient seeded with the loss scale; the gradients are
@@ -348,8 +379,12 @@ def train_step(model, optimizer, x, y, lr: float, grad_accum: int = 1, grad_clip
 
     >>> loss = train_step(model, opt, x, y, lr=1e-3, grad_clip=1.0)   # doctest: +SKIP
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    groups = optimizer.param_groups
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(groups)
+    if len(lrs) != len(groups):
+        raise ValueError(f"train_step: {len(lrs)} learning rates for {len(groups)} parameter groups")
+    for group, group_lr in zip(groups, lrs):
+        group["lr"] = group_lr
     optimizer.zero_grad()
     if mixed is not None:
         mixed.zero_grad()

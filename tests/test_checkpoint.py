@@ -649,8 +649,16 @@ def test_missing_or_mismatched_optimizer_tensors(tmp_path):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("sizes", [dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=16),
                                    dict(vocab_size=7, block_size=3, n_layer=3, n_head=4, n_embd=12)])
-def test_param_shapes_and_count_match_the_real_models(model_type, bias, sizes):
-    config = GPTConfig(**sizes, bias=bias)
+@pytest.mark.parametrize("options", [{}, dict(pos="rope"), dict(norm="rmsnorm"), dict(norm_gain=False),
+                                     dict(norm="rmsnorm", norm_gain=False), dict(mlp="relu2"),
+                                     dict(mlp="swiglu"), dict(qk_norm=True), dict(tie_head=False),
+                                     dict(zero_init_proj=True),
+                                     dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True,
+                                          tie_head=False, zero_init_proj=True)], ids=str)
+def test_param_shapes_and_count_match_the_real_models(model_type, bias, sizes, options):
+    if options.get("pos") == "rope" and (sizes["n_embd"] // sizes["n_head"]) % 2:
+        sizes = {**sizes, "n_head": 2}  # rope needs an even head size
+    config = GPTConfig(**sizes, bias=bias, **options)
     model = MODELS[model_type](config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert list(config.param_shapes(model_type).items()) == list(shapes.items())
@@ -659,12 +667,18 @@ def test_param_shapes_and_count_match_the_real_models(model_type, bias, sizes):
 
 def test_gpt_config_types():
     assert GPTConfig(n_embd=np.int64(384), dropout=0, bias=np.bool_(False)).to_dict() == \
-        dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=False)
+        dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=False,
+             pos="learned", norm="layernorm", norm_gain=True, mlp="gelu", qk_norm=False, tie_head=True,
+             zero_init_proj=False)
     assert type(GPTConfig(n_embd=np.int64(384)).n_embd) is int  # JSON-serialisable
     for bad in (dict(n_layer=True), dict(n_embd=384.0), dict(vocab_size="65"), dict(dropout=math.nan),
-                dict(dropout=math.inf), dict(dropout=True), dict(bias=None), dict(block_size=2**21)):
+                dict(dropout=math.inf), dict(dropout=True), dict(bias=None), dict(block_size=2**21),
+                dict(pos="alibi"), dict(norm="batchnorm"), dict(mlp="tanh"), dict(norm_gain=1),
+                dict(qk_norm="yes"), dict(tie_head=None), dict(zero_init_proj=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GPTConfig(**bad)
+    with pytest.raises(ValueError, match="rope .* must be even"):
+        GPTConfig(pos="rope", n_embd=30, n_head=2)
     huge = GPTConfig(vocab_size=2**20, block_size=2**20, n_layer=1024, n_head=1, n_embd=2**16)
     assert huge.num_parameters() > 5 * 10**13  # counted, not allocated
 
@@ -692,9 +706,18 @@ def _stepped(optimizer_factory):
     return model, opt
 
 
+def _muon_and_adamw(model):
+    """gpt.train's --optimizer muon: Muon on the blocks' matrices, AdamW on the rest."""
+    from gpt import config as C
+    from gpt.trainer import build_optimizer
+    return build_optimizer(model, C.TrainConfig(optimizer="muon"))
+
+
 @pytest.mark.parametrize("factory", [lambda m: m.configure_optimizers(0.1, 1e-3),
-                                     lambda m: tt.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)],
-                         ids=["adamw", "sgd-momentum"])
+                                     lambda m: tt.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                                     lambda m: tt.optim.Muon([p for p in m.parameters() if p.ndim == 2]),
+                                     _muon_and_adamw],
+                         ids=["adamw", "sgd-momentum", "muon", "muon+adamw"])
 def test_any_optimizers_state_round_trips(tmp_path, factory):
     """The format names no optimizer's state: arrays become optimizer.<i>.<name> tensors,
     scalars go to the metadata, and the state dict comes back equal."""
@@ -714,6 +737,29 @@ def test_any_optimizers_state_round_trips(tmp_path, factory):
     for i, s in fresh.state_dict()["state"].items():
         for name, value in s.items():
             np.testing.assert_array_equal(value, want["state"][i][name])
+    # the whole file passes the checks a resume makes (the tensors of each group alike)
+    validate_training_meta({**meta, "train_config": {}, "step": 2, "best_val_loss": None,
+                            "rng": {"batches": np.random.default_rng(1).bit_generator.state,
+                                    "tinytensor": tt.get_rng_state()}}, path, read_checkpoint_metadata(path)[1])
+
+
+def test_a_combined_optimizers_groups_each_need_their_own_tensors(tmp_path):
+    """Muon's groups hold momentum_buffer, AdamW's exp_avg and exp_avg_sq: each parameter must have
+    those of its group, and a tensor name foreign to the group is refused."""
+    model, opt = _stepped(_muon_and_adamw)
+    tensors, meta = pack_training_state(model, opt, {"step": 2, "train_config": {}, "best_val_loss": None,
+                                                     "rng": {"batches": np.random.default_rng(1).bit_generator.state,
+                                                             "tinytensor": tt.get_rng_state()}})
+    muon_index = opt.state_dict()["param_groups"][0]["params"][1]
+    adamw_index = opt.state_dict()["param_groups"][1]["params"][0]
+    for edit, needle in [(lambda t: t.pop(f"optimizer.{muon_index}.momentum_buffer"), "momentum_buffer are missing"),
+                         (lambda t: t.update({f"optimizer.{adamw_index}.momentum_buffer":
+                                              t[f"optimizer.{adamw_index}.exp_avg"]}), "momentum_buffer are missing")]:
+        edited = dict(tensors)
+        edit(edited)
+        path = save_checkpoint(tmp_path / "c.safetensors", edited, meta)
+        with pytest.raises(CheckpointError, match=needle):
+            validate_training_meta(read_checkpoint_metadata(path)[0], path, read_checkpoint_metadata(path)[1])
 
 
 def test_a_v1_checkpoint_still_reads(tmp_path):

@@ -14,7 +14,7 @@ import tinytensor as tt
 from gpt.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
-from bench.torch_gpt import TIED, TorchGPT, load_from_tinytensor  # noqa: E402  (needs torch)
+from bench.torch_gpt import TIED, TorchGPT, load_from_tinytensor, tied  # noqa: E402  (needs torch)
 
 CONFIG = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
 BATCH = 4
@@ -35,14 +35,17 @@ def make_pair(seed=0, dtype=np.float32, scale=1.0, config=CONFIG):
     if dtype == np.float64:
         ref = ref.double()
     result = load_from_tinytensor(ref, ours.state_dict())
-    assert result.missing_keys == ["lm_head.weight"] == list(TIED)  # tied to wte: loaded through it
     assert result.unexpected_keys == []
-    assert ref.lm_head.weight is ref.transformer.wte.weight
     ref_sd = ref.state_dict()
     for name, value in ours.state_dict().items():
         assert tuple(ref_sd[name].shape) == value.shape, name
         np.testing.assert_array_equal(ref_sd[name].numpy(), value, err_msg=name)
-    np.testing.assert_array_equal(ref_sd["lm_head.weight"].numpy(), ours.state_dict()["transformer.wte.weight"])
+    if config.tie_head:
+        assert result.missing_keys == ["lm_head.weight"] == list(TIED) == list(tied(config))  # loaded through wte
+        assert ref.lm_head.weight is ref.transformer.wte.weight
+        np.testing.assert_array_equal(ref_sd["lm_head.weight"].numpy(), ours.state_dict()["transformer.wte.weight"])
+    else:
+        assert result.missing_keys == [] and ref.lm_head.weight is not ref.transformer.wte.weight
     return ours, ref
 
 
@@ -161,9 +164,9 @@ def both_optimizers(ours, ref):
     """Each model's own ``configure_optimizers(0.1, 1e-3, (0.9, 0.95))``, checked to hold the same
     groups: decay on the 2-D weights only, the same shapes in the same order, the same settings."""
     opt, ref_opt = (m.configure_optimizers(0.1, 1e-3, (0.9, 0.95)) for m in (ours, ref))
-    decay, no_decay = ref_opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    decay, *no_decay = ref_opt.param_groups  # no second group when there is no 1-D weight (no gains, no bias)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for g in no_decay for p in g["params"])
+    assert decay["weight_decay"] == 0.1 and all(g["weight_decay"] == 0.0 for g in no_decay)
     assert len(opt.param_groups) == len(ref_opt.param_groups)
     for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
         assert [tuple(p.shape) for p in group["params"]] == [tuple(p.shape) for p in ref_group["params"]]
@@ -215,3 +218,104 @@ def test_adamw_with_active_clipping_matches_torch():
     losses, ref_losses, norms, _ = train_both(ours, ref, [batch(200 + step) for step in range(10)])
     assert min(norms) > 1.0
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+
+
+# -- the architecture options (gpt.model.ModelOptions), one at a time and combined ------------------------------
+OPTION_CASES = {
+    "rope": dict(pos="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "layernorm-no-gain": dict(norm_gain=False),
+    "rmsnorm-no-gain": dict(norm="rmsnorm", norm_gain=False),
+    "relu2": dict(mlp="relu2"),
+    "swiglu": dict(mlp="swiglu"),
+    "qk-norm": dict(qk_norm=True),
+    "untied-head": dict(tie_head=False),
+    "zero-init-proj": dict(zero_init_proj=True),
+    "no-bias": dict(bias=False),
+    "modern": dict(pos="rope", norm="rmsnorm", norm_gain=False, mlp="relu2", qk_norm=True, tie_head=False,
+                   zero_init_proj=True, bias=False),
+    "modern-swiglu": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_head=False),
+}
+
+
+def option_pair(options, seed, dtype=np.float64):
+    """Our model and the reference with ``options``; zero-initialised weights (an untied head,
+    zero_init_proj) are drawn at random here so that every gradient is non-trivial."""
+    config = dataclasses.replace(CONFIG, **options)
+    tt.manual_seed(seed)
+    ours = GPT(config)
+    rng = np.random.default_rng(seed)
+    for name, p in ours.named_parameters():
+        if not np.any(p.data):
+            p.data = rng.normal(0.0, 0.02, p.shape).astype(np.float32)
+        if name.endswith(".weight") and p.ndim == 1:  # gains away from 1, so a missing gain shows
+            p.data = (1.0 + rng.normal(0.0, 0.1, p.shape)).astype(np.float32)
+    state = ours.state_dict()
+    for p in ours.parameters():
+        p.data = p.data.astype(dtype)
+    ref = TorchGPT(config, flash=False)
+    ref = ref.double() if dtype == np.float64 else ref
+    load_from_tinytensor(ref, {n: v.astype(dtype) for n, v in state.items()})
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    return ours, ref
+
+
+@pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
+def test_option_initialisation_matches_the_reference(options):
+    """The same names, shapes and init rules: zero where the option says so, N(0, 0.02) elsewhere."""
+    config = dataclasses.replace(CONFIG, **options)
+    tt.manual_seed(0)
+    ours = GPT(config)
+    ref = TorchGPT(config, flash=False)
+    ref_sd = ref.state_dict()
+    assert set(ref_sd) == set(ours.state_dict()) | set(tied(config))
+    for name, p in ours.named_parameters():
+        r = ref_sd[name].numpy()
+        assert r.shape == p.shape, name
+        if not np.any(r):
+            assert not np.any(p.data), name  # zero in both
+        else:
+            np.testing.assert_allclose(p.data.std(), r.std(), rtol=0.3, atol=1e-3, err_msg=name)
+    zeroed = [n for n, p in ours.named_parameters() if p.ndim == 2 and not np.any(p.data)]
+    expected = (["lm_head.weight"] if not config.tie_head else []) + \
+        ([n for n, _ in ours.named_parameters() if n.endswith("c_proj.weight")] if config.zero_init_proj else [])
+    assert sorted(zeroed) == sorted(expected)
+    assert ("transformer.wpe.weight" in ref_sd) == (config.pos == "learned")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
+def test_option_same_logits_loss_and_gradients(options, dtype):
+    ours, ref = option_pair(options, seed=7, dtype=dtype)
+    x, y = batch(8)
+    logits, loss = ours(x, y)
+    loss.backward()
+    ref_logits, ref_loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    ref_loss.backward()
+    tol = TOLS[dtype]
+    assert logits.dtype == dtype
+    assert_close_scaled(logits.numpy(), ref_logits.detach().numpy(), tol["rtol"], tol["atol_rel"], "logits")
+    np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=tol["rtol"])
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        g, rg = p.grad, ref_params[name].grad.numpy()
+        assert g is not None and g.dtype == dtype, name
+        assert np.abs(rg).max() > 0, name
+        assert_close_scaled(g, rg, tol["rtol"], tol["atol_rel"], name)
+
+
+@pytest.mark.parametrize("options", [OPTION_CASES[k] for k in ("rope", "swiglu", "modern", "modern-swiglu")],
+                         ids=["rope", "swiglu", "modern", "modern-swiglu"])
+def test_option_adamw_training_matches_torch(options):
+    ours, ref = option_pair(options, seed=9, dtype=np.float32)
+    losses, ref_losses, norms, ref_norms = train_both(ours, ref, [batch(300 + step, learnable=True)
+                                                                  for step in range(5)])
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
+    ref_params = dict(ref.named_parameters())
+    C = CONFIG.n_embd
+    for name, p in ours.named_parameters():
+        w, rw = p.numpy(), ref_params[name].detach().numpy()
+        if name.endswith("c_attn.bias"):  # the key bias: see test_adamw_training_matches_torch
+            w, rw = np.delete(w, np.s_[C:2 * C]), np.delete(rw, np.s_[C:2 * C])
+        assert_close_scaled(w, rw, 1e-3, 1e-4, name)

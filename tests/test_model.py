@@ -39,7 +39,9 @@ def sharpened(model, factor=10.0, wpe_factor=50.0):
 def test_config_defaults_and_to_dict():
     cfg = GPTConfig()
     d = cfg.to_dict()
-    assert d == dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True)
+    assert d == dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
+                     pos="learned", norm="layernorm", norm_gain=True, mlp="gelu", qk_norm=False, tie_head=True,
+                     zero_init_proj=False)
     assert GPTConfig(**d) == cfg
 
 

@@ -204,6 +204,7 @@ def test_optimizer_load_state_dict_rejects_mismatched_groups():
 
 
 OPTIMIZERS = {"adamw": lambda params: AdamW(_groups(params), lr=1e-2, betas=(0.9, 0.95)),
+              "muon+adamw": lambda params: _muon_and_adamw(params),
               "sgd": lambda params: SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)}
 
 
@@ -353,3 +354,155 @@ def test_adamw_flat_and_per_tensor_paths_match_torch():
             np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg=f"step {step}")
     state = opt.state_dict()["state"]
     assert [state[i]["step"] for i in range(2)] == [4, 3]
+
+
+# -- Muon --------------------------------------------------------------------------------------------------
+def _torch_muon_step(torch, params, bufs, lr, momentum, nesterov, weight_decay, ns_steps=5):
+    """Muon as published (Keller Jordan's muon.py: muon_update + zeropower_via_newtonschulz5), in float32."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    for p, buf in zip(params, bufs):
+        g = p.grad
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        X = update.float()
+        tall = X.size(-2) > X.size(-1)
+        if tall:
+            X = X.mT
+        X = X / (X.norm() + 1e-7)
+        for _ in range(ns_steps):
+            A = X @ X.mT
+            B = b * A + c * A @ A
+            X = a * X + B @ X
+        if tall:
+            X = X.mT
+        X = X * max(1, g.size(-2) / g.size(-1)) ** 0.5
+        with torch.no_grad():
+            p.mul_(1 - lr * weight_decay)
+            p.add_(X.reshape(p.shape), alpha=-lr)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_a_torch_reference(nesterov):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    shapes = [(6, 4), (4, 6), (5, 5), (12, 3)]  # tall, wide, square, very tall (scale 2)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ours = [tt.nn.Parameter(a.copy()) for a in init]
+    theirs = [torch.tensor(a.copy(), requires_grad=True) for a in init]
+    bufs = [torch.zeros_like(t) for t in theirs]
+    opt = tt.optim.Muon(ours, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    for step in range(6):
+        for p, tp in zip(ours, theirs):
+            g = rng.standard_normal(p.shape).astype(np.float32)
+            p.grad, tp.grad = g.copy(), torch.from_numpy(g.copy())
+        opt.step()
+        _torch_muon_step(torch, theirs, bufs, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+        for i, (p, tp, buf) in enumerate(zip(ours, theirs, bufs)):
+            assert p.dtype == np.float32 and opt.state[id(p)]["momentum_buffer"].dtype == np.float32
+            np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {step}, {i}")
+            np.testing.assert_allclose(opt.state[id(p)]["momentum_buffer"], buf.numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(ours[0].data, init[0])
+
+
+def test_newton_schulz_orthogonalises():
+    G = np.random.default_rng(0).standard_normal((16, 48)).astype(np.float32)
+    for M in (G, G.T):
+        O = tt.optim.newton_schulz(M, steps=5)
+        assert O.shape == M.shape and O.dtype == np.float32
+        s = np.linalg.svd(O, compute_uv=False)
+        assert 0.6 < s.min() and s.max() < 1.25, s  # the quintic's band around 1, not exactly 1 (by design)
+        u, _, vt = np.linalg.svd(M, full_matrices=False)
+        assert np.sum(O * (u @ vt)) / np.linalg.norm(O) / np.linalg.norm(u @ vt) > 0.98  # along U V^T
+
+
+def test_muon_refuses_what_is_not_a_matrix():
+    with pytest.raises(ValueError, match=r"matrices only.*shape \(3,\).*AdamW"):
+        tt.optim.Muon([tt.nn.Parameter(np.zeros((2, 3), np.float32)), tt.nn.Parameter(np.zeros(3, np.float32))])
+    with pytest.raises(ValueError, match="momentum"):
+        tt.optim.Muon([tt.nn.Parameter(np.zeros((2, 3)))], momentum=1.0)
+
+
+def _muon_and_adamw(params):
+    matrices = [p for p in params if p.ndim == 2]
+    others = [p for p in params if p.ndim != 2]
+    return tt.optim.Combined([tt.optim.Muon(matrices[1:], lr=0.02, momentum=0.9),
+                              AdamW(_groups(matrices[:1] + others), lr=1e-2, betas=(0.9, 0.95))])
+
+
+def test_combined_state_dict_round_trips_and_numbers_every_parameter():
+    x, y = _data(5)
+    model = MLP()
+    opt = _muon_and_adamw(model.parameters())
+    _train(model, opt, x, y, 3)
+    sd = opt.state_dict()
+    n = len(model.parameters())
+    assert sorted(i for g in sd["param_groups"] for i in g["params"]) == list(range(n))
+    assert sorted(sd["state"]) == list(range(n))
+    assert [sorted(g) for g in sd["param_groups"]] == [p for p in (
+        ["lr", "momentum", "nesterov", "ns_steps", "params", "weight_decay"],
+        ["betas", "eps", "lr", "params", "weight_decay"], ["betas", "eps", "lr", "params", "weight_decay"])]
+
+    tt.manual_seed(9)
+    restored = MLP()
+    restored.load_state_dict({k: v.copy() for k, v in model.state_dict().items()})
+    ropt = _muon_and_adamw(restored.parameters())
+    ropt.load_state_dict(sd)
+    for i, s in ropt.state_dict()["state"].items():
+        assert set(s) == set(sd["state"][i])
+        for name, v in s.items():
+            np.testing.assert_array_equal(v, sd["state"][i][name])
+    _train(model, opt, x, y, 2)
+    _train(restored, ropt, x, y, 2)
+    for p, q in zip(model.parameters(), restored.parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+
+    swapped = dict(sd, param_groups=sd["param_groups"][1:] + sd["param_groups"][:1])
+    with pytest.raises((ValueError, KeyError)):
+        _muon_and_adamw(MLP().parameters()).load_state_dict(swapped)
+    with pytest.raises(ValueError, match="parameter groups"):
+        _muon_and_adamw(MLP().parameters()).load_state_dict(dict(sd, param_groups=sd["param_groups"][:2]))
+    wrong_state = {**sd, "state": {**sd["state"], 0: {"exp_avg": sd["state"][0]["momentum_buffer"]}}}
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        _muon_and_adamw(MLP().parameters()).load_state_dict(wrong_state)
+    with pytest.raises(ValueError, match="ns_steps"):  # a loaded group is checked like a new one
+        bad = [dict(g) for g in sd["param_groups"]]
+        bad[0]["ns_steps"] = 10**9
+        _muon_and_adamw(MLP().parameters()).load_state_dict(dict(sd, param_groups=bad))
+    with pytest.raises(ValueError, match="two optimizers"):
+        p = MLP().parameters()
+        tt.optim.Combined([SGD(p), SGD(p[:1])])
+
+
+# -- warmup-stable-decay -------------------------------------------------------------------------------------
+def test_warmup_stable_decay_lr_shape():
+    lr, warmup, total, frac, min_lr = 1e-2, 10, 100, 0.2, 1e-3
+    lrs = [tt.optim.warmup_stable_decay_lr(s, lr, warmup, total, frac, min_lr) for s in range(120)]
+    for s in range(warmup):  # the same warmup as warmup_cosine_lr
+        assert lrs[s] == warmup_cosine_lr(s, lr, warmup, total, min_lr)
+    assert all(v == lr for v in lrs[warmup:80])  # stable
+    np.testing.assert_allclose(lrs[80:101], np.linspace(lr, min_lr, 21), rtol=1e-12)  # linear decay, last 20 %
+    assert all(v == min_lr for v in lrs[100:])
+    # no decay part: stable to the end; all decay: straight down from the warmup
+    assert tt.optim.warmup_stable_decay_lr(99, lr, warmup, total, 0.0, min_lr) == lr
+    assert tt.optim.warmup_stable_decay_lr(55, lr, warmup, total, 1.0, min_lr) == pytest.approx(
+        min_lr + (lr - min_lr) * 45 / 90)
+
+
+@pytest.mark.skipif(not __import__("cupy_standin").installed(), reason="counts need the CuPy stand-in")
+def test_muon_step_reads_nothing_back_from_the_device():
+    import cupy_standin
+    rng = np.random.default_rng(2)
+    params = [tt.nn.Parameter(rng.standard_normal(s).astype(np.float32)).to("cupy") for s in ((8, 4), (4, 8))]
+    ref = [tt.nn.Parameter(p.numpy()) for p in params]
+    opt, ref_opt = tt.optim.Muon(params), tt.optim.Muon(ref)
+    for _ in range(2):
+        for p, q in zip(params, ref):
+            g = rng.standard_normal(p.shape).astype(np.float32)
+            q.grad, p.grad = g, tt.backend.to_backend(g, "cupy")
+        with cupy_standin.count_syncs() as syncs:
+            opt.step()
+        ref_opt.step()
+        assert syncs.n == 0, syncs
+    for p, q in zip(params, ref):
+        assert p.backend == "cupy" and p.dtype == np.float32
+        np.testing.assert_allclose(p.numpy(), q.data, rtol=1e-6, atol=1e-7)

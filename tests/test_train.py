@@ -183,6 +183,44 @@ def test_resume_is_exact(corpus, tmp_path):
     assert meta_b["train_config"]["max_iters"] == 12 and meta_b["train_config"]["lr_decay_iters"] == 12
 
 
+@pytest.mark.parametrize("extra", [(), ("--dtype", "float16")], ids=["float32", "float16"])
+def test_muon_trains_and_resumes_exactly(corpus, tmp_path, extra):
+    """--optimizer muon (with the wsd schedule): the loss goes down, and 6 steps + --resume to 12 equal
+    12 in one go, the Muon momentum and AdamW moments in the checkpoint included; also in float16."""
+    common = ("--optimizer", "muon", "--lr-schedule", "wsd", "--lr-decay-iters", 12, "--eval-interval", 6,
+              "--seed", 5, *extra)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(corpus, a, "--max-iters", 12, *common) == 0
+    assert train(corpus, b, "--max-iters", 6, *common) == 0
+    assert train_cli.main(["--resume", "--max-iters", "12", "--out-dir", str(b)]) == 0
+    steps_a, evals_a = read_metrics(a)
+    steps_b, evals_b = read_metrics(b)
+    assert [(m["step"], m["loss"], m["lr"]) for m in steps_a] == [(m["step"], m["loss"], m["lr"]) for m in steps_b]
+    assert evals_a[-1]["val_loss"] < evals_a[0]["val_loss"] - 0.3
+    # wsd: warmup 5 (tiny preset), constant, then a linear decay over the last 20 % (steps 10, 11)
+    assert [m["lr"] for m in steps_a][5:10] == [1e-3] * 5 and steps_a[-1]["lr"] < 1e-3
+    ta, meta_a = load_checkpoint(a / "ckpt.safetensors")
+    tb, meta_b = load_checkpoint(b / "ckpt.safetensors")
+    assert meta_a["optimizer"]["type"] == "Combined" and any(k.endswith(".momentum_buffer") for k in ta)
+    assert set(ta) == set(tb)
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
+    # the Muon groups ran at --muon-lr's schedule: the saved lr is muon_lr times AdamW's factor
+    muon_group, adamw_group = meta_a["optimizer"]["param_groups"][:2]
+    assert muon_group["lr"] == pytest.approx(adamw_group["lr"] * 0.02 / 1e-3)
+
+
+def test_optimizer_choice_is_checked(corpus, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert train(corpus, out, "--max-iters", 2, "--eval-interval", 2) == 0
+    capsys.readouterr()
+    # a resumed run keeps its optimizer
+    assert train_cli.main(["--resume", "--max-iters", "4", "--out-dir", str(out), "--optimizer", "muon"]) == 2
+    assert_clean_error(capsys.readouterr().err, "--optimizer")
+    assert train(corpus, tmp_path / "bigram", "--model", "bigram", "--optimizer", "muon") == 2
+    assert_clean_error(capsys.readouterr().err, "muon", "bigram")
+
+
 def test_resume_checks(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     assert train(corpus, out, "--max-iters", 3, "--eval-interval", 3) == 0
@@ -378,6 +416,11 @@ def test_interrupt_before_the_first_eval_then_resume(corpus, tmp_path, monkeypat
     (["--weight-decay", "inf"], "finite"),
     (["--n-embd", "1000000"], "n-embd"),
     (["--batch-size", "1000000000"], "batch-size"),
+    (["--optimizer", "sgd"], "optimizer"),
+    (["--lr-schedule", "linear"], "lr-schedule"),
+    (["--decay-frac", "1.5"], "decay-frac"),
+    (["--muon-momentum", "1"], "muon-momentum"),
+    (["--muon-lr", "-0.1"], "muon-lr"),
 ])
 def test_cli_errors_exit_2_with_one_message(args, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

@@ -16,6 +16,8 @@ class AdamW(Optimizer):
     entries (views into the buffers), so ``state_dict`` is the usual one.
     """
 
+    state_names = ("step", "exp_avg", "exp_avg_sq")
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self._flat = {}  # group index -> flat buffers

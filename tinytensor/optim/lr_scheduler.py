@@ -35,3 +35,20 @@ class WarmupCosine:
             group["lr"] = warmup_cosine_lr(self.last_step, base, self.warmup_steps, self.decay_steps,
                                            base * self.min_lr_ratio)
         return self.optimizer.param_groups[0]["lr"]
+
+
+def warmup_stable_decay_lr(step: int, lr: float, warmup: int, total: int, decay_frac: float, min_lr: float) -> float:
+    """Linear warmup to ``lr`` (as ``warmup_cosine_lr``'s), constant, then a linear decay over the last
+    ``decay_frac`` of ``total`` steps, reaching ``min_lr`` at ``total`` (and staying there).
+
+    >>> [round(warmup_stable_decay_lr(s, 1.0, 1, 10, 0.2, 0.0), 2) for s in (0, 1, 7, 8, 9, 10)]
+    [0.5, 1.0, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= total:
+        return min_lr
+    decay_start = max(warmup, total - round(decay_frac * total))
+    if step < decay_start:
+        return lr
+    return min_lr + (lr - min_lr) * (total - step) / (total - decay_start)

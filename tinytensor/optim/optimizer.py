@@ -8,7 +8,10 @@ from .. import backend
 
 class Optimizer:
     """Holds parameter groups (dicts with "params" and hyperparameters) and
-    per-parameter state (dicts of arrays and counters)."""
+    per-parameter state (dicts of arrays and counters); ``state_names``: the entries of one
+    parameter's state, which a loaded state must hold exactly."""
+
+    state_names: tuple = ()
 
     def __init__(self, params, defaults: dict):
         params = list(params)
@@ -61,9 +64,13 @@ class Optimizer:
                              f"here {[len(g['params']) for g in self.param_groups]})")
         for g, own in zip(groups, self.param_groups):
             own.update({k: v for k, v in g.items() if k != "params"})
+            self._check(own)  # a saved group is checked like a new one (e.g. Muon's ns_steps bounds the work)
         self.state = {}
         for i, s in state_dict["state"].items():
             p = params[int(i)]
+            if self.state_names and set(s) != set(self.state_names):
+                raise ValueError(f"{type(self).__name__} state for parameter {i} holds {sorted(s)}; expected "
+                                 f"{sorted(self.state_names)}")
             loaded = {}
             for n, v in s.items():
                 if hasattr(v, "shape") and getattr(v, "ndim", 0) > 0:

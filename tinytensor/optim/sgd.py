@@ -5,6 +5,8 @@ from .optimizer import Optimizer
 
 
 class SGD(Optimizer):
+    state_names = ("momentum_buffer",)
+
     def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
