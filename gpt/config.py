@@ -22,8 +22,12 @@ from tinytensor.optim import COMPUTE_DTYPES
 from .model import MODELS, GPTConfig, ModelOptions
 from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
 
-OPTIMIZERS = ("adamw", "muon")  # built by gpt.trainer.build_optimizer
+OPTIMIZERS = ("adamw", "muon")  # built by gpt.optimizers.build_optimizer
 LR_SCHEDULES = ("cosine", "wsd")  # gpt.trainer.Trainer.lr_at
+
+class UsageError(ValueError):
+    """The options (or a checkpoint's settings with them) cannot make a run: exit 2."""
+
 
 # What `--resume` does with a field (the `resume` entry of its metadata):
 #   "keep"   the run's identity (model shape, data, seed): the checkpoint's value; a different one is an error

@@ -22,7 +22,8 @@ from .resources import ResourceError
 from .rundir import RunDir, RunDirError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
-from .trainer import Trainer, TrainingError, UsageError, check_resumable, resume_config
+from .config import UsageError
+from .trainer import Trainer, TrainingError, check_resumable, resume_config
 
 EXIT_USAGE = 2
 

@@ -18,11 +18,13 @@ import tinytensor as tt
 from tinytensor.optim import warmup_cosine_lr, warmup_stable_decay_lr
 
 from . import config as C
+from .config import UsageError
 from .atomic import atomic_write_bytes
 from .checkpoint import CheckpointError, TrainingState, weights_are_finite
 from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
 from .resources import check_fits
+from .optimizers import build_optimizer, same_hyperparameters
 from .rundir import RunDir, RunLog
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
@@ -31,9 +33,6 @@ from .tokenizer import TokenizerError
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says where."""
 
-
-class UsageError(ValueError):
-    """The options (or a checkpoint's settings with them) cannot make a run: exit 2."""
 
 
 # -- configuration: the command line, and on --resume the checkpoint ----------------------------------------
@@ -150,7 +149,7 @@ class Trainer:
         model_state, opt_state = state.load_arrays(self.run_dir.ckpt)
         own = self.optimizer
         if opt_state is not None and (opt_state["type"] != type(own).__name__ or len(opt_state["param_groups"]) !=
-                                      len(own.param_groups) or not all(map(_same_hyperparameters,
+                                      len(own.param_groups) or not all(map(same_hyperparameters,
                                                                            opt_state["param_groups"], own.param_groups))):
             raise CheckpointError(f"{self.run_dir.ckpt}: its optimizer state ({opt_state['type']}, groups "
                                   f"{[sorted(g) for g in opt_state['param_groups']]}) is not this run's "
@@ -330,39 +329,6 @@ def _png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
-
-
-def build_optimizer(model, cfg: C.TrainConfig):
-    """The run's optimizer (--optimizer): AdamW from the model's ``configure_optimizers``, or Muon on
-    the blocks' 2-D weights (attention and MLP matrices) beside AdamW on every other parameter
-    (embeddings and head with weight decay, gains and biases without), as one ``Combined``.
-
-    >>> opt = build_optimizer(model, cfg)   # doctest: +SKIP
-    """
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas)
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    hidden = [p for p in blocks.parameters() if p.ndim == 2] if blocks is not None else []
-    if not hidden:
-        raise UsageError(f"--optimizer muon needs hidden matrices (--model gpt); the {cfg.model} model has none")
-    in_muon = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in in_muon]
-    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
-    adamw = tt.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=betas)
-    muon = tt.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
-    return tt.optim.Combined([muon, adamw])
-
-
-def _same_hyperparameters(saved: dict, own: dict) -> bool:
-    """A saved parameter group has this optimizer's hyperparameters, each of the same kind
-    (a number, a flag, a tuple of as many numbers): a checkpoint must not set what we lack."""
-    def kind(v):
-        if isinstance(v, (list, tuple)):
-            return "tuple", len(v)
-        return ("flag" if isinstance(v, bool) else "number"), 0
-    return set(saved) == set(own) and all(k == "params" or kind(saved[k]) == kind(own[k]) for k in own)
 
 
 def train_step(model, optimizer, x, y, lr, grad_accum: int = 1, grad_clip: float = 0.0,

@@ -709,7 +709,7 @@ def _stepped(optimizer_factory):
 def _muon_and_adamw(model):
     """gpt.train's --optimizer muon: Muon on the blocks' matrices, AdamW on the rest."""
     from gpt import config as C
-    from gpt.trainer import build_optimizer
+    from gpt.optimizers import build_optimizer
     return build_optimizer(model, C.TrainConfig(optimizer="muon"))
 
 
