@@ -40,6 +40,11 @@ VARIANTS = {
     "combo": ["--optimizer", "muon", "--pos", "rope", "--norm", "rmsnorm", "--mlp", "relu2", "--qk-norm", "true",
               "--tie-head", "false", "--zero-init-proj", "true", "--learning-rate", "3e-3", "--min-lr", "3e-4"],
 }
+# candidates for the new CPU preset: the combination in fewer steps (the wall-time budget is PyTorch's
+# time for nanoGPT's 2000 steps), and with a larger batch, where Muon's fixed per-step cost
+# (Newton-Schulz on every matrix, ~2.4 GFLOP at 4x128) is spread over more tokens
+VARIANTS["combo_1000"] = VARIANTS["combo"] + ["--max-iters", "1000", "--warmup-iters", "50"]
+VARIANTS["combo_b24_600"] = VARIANTS["combo"] + ["--batch-size", "24", "--max-iters", "600", "--warmup-iters", "50"]
 
 
 def run_one(name, flags, seed, args):
