@@ -248,17 +248,18 @@ class Portal:
         completion = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
                       "created": int(time.time()), "model": served.id}
         if req.stream:
-            return StreamingResponse(self._sse(job, events, completion), media_type="text/event-stream",
+            return StreamingResponse(self._sse(job, events, completion, len(req.ids)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(request, job, events, completion, len(req.ids))
 
-    async def _sse(self, job: Job, events: asyncio.Queue, completion: dict):
+    async def _sse(self, job: Job, events: asyncio.Queue, completion: dict, prompt_tokens: int):
         """One ``data:`` chunk per batch of tokens ready (one token each unless the client reads
-        slower than the model writes), a last one with finish_reason, then ``data: [DONE]``.
-        If the client goes away, Starlette cancels this generator and the job is cancelled."""
-        def chunk(text, finish=None):
+        slower than the model writes), a last one with finish_reason and the usage, then
+        ``data: [DONE]``. If the client goes away, Starlette cancels this generator, which
+        cancels the job."""
+        def chunk(text, finish=None, **extra):
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**completion, 'choices': [choice]})}\n\n"
+            return f"data: {json.dumps({**completion, 'choices': [choice], **extra})}\n\n"
         try:
             while True:
                 batch = [await events.get()]
@@ -272,7 +273,7 @@ class Portal:
                 if text:
                     yield chunk(text)
                 if kind == "done":
-                    yield chunk("", "length")
+                    yield chunk("", "length", usage=_usage(prompt_tokens, job.tokens))
                     yield "data: [DONE]\n\n"
                     return
         finally:
@@ -307,8 +308,12 @@ class Portal:
         text = result.result()
         return JSONResponse({**completion, "choices": [{"text": text, "index": 0, "logprobs": None,
                                                         "finish_reason": "length"}],
-                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": job.tokens,
-                                       "total_tokens": prompt_tokens + job.tokens}})
+                             "usage": _usage(prompt_tokens, job.tokens)})
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _json_errors(handler):

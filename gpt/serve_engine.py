@@ -131,6 +131,7 @@ class Job:
         self.served, self.ids, self.max_tokens, self.sampling = served, ids, max_tokens, sampling
         self.on_event = on_event
         self.cancelled = False  # set by the client's side; read by the worker before each token
+        self.finished = False  # ran to its last token (set before the client hears so)
         self.tokens = 0
         self._stream = self._decoder = None
 
@@ -150,6 +151,7 @@ class Job:
                 self._decoder = self.served.tokenizer.stream_decoder()
             token = next(self._stream, None)
             if token is None:
+                self.finished = True
                 self._emit(("done", self._decoder.flush()))
                 return True
             self.tokens += 1
@@ -243,7 +245,7 @@ class Engine:
                     if job.step():
                         with self._cond:
                             self._active.remove(job)
-                            self.completed += not job.cancelled
+                            self.completed += job.finished
 
 
 def prompt_ids(served: ServedModel, prompt: str) -> list:
