@@ -72,16 +72,19 @@ class Server:
             while self.url is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
-                    self.stop()
-                    raise RuntimeError(f"gpt.serve did not start within {START_TIMEOUT_S} s: {self.stderr_lines}")
+                    self._fail(f"did not start within {START_TIMEOUT_S} s")
                 line = self.proc.stderr.readline()
                 if not line:
-                    self.stop()
-                    raise RuntimeError(f"gpt.serve exited with {self.proc.returncode}: {self.stderr_lines}")
+                    self._fail("exited")
                 self.stderr_lines.append(line.rstrip("\n"))
                 if line.startswith("serving on http://"):
                     self.url = line.split()[2].rstrip("/")
         return self
+
+    def _fail(self, what: str):
+        code, rest = self.stop(signal.SIGKILL)
+        self.stderr_lines += rest.splitlines()
+        raise RuntimeError(f"gpt.serve {what} with {code}: {self.stderr_lines}")
 
     def stop(self, sig=signal.SIGINT) -> tuple[int, str]:
         """Stop the server with ``sig``; (exit code, the rest of its stderr)."""

@@ -79,6 +79,14 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _server_class(uvicorn, portal):
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            portal.stop()  # end the streams first: uvicorn would wait for them, then cut them with a traceback
+            await super().shutdown(sockets)
+    return Server
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad option exits with code 2 and argparse's message
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
             config = uvicorn.Config(create_app(portal, args.host), log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
             try:
-                uvicorn.Server(config).run(sockets=[sock])
+                _server_class(uvicorn, portal)(config).run(sockets=[sock])
             finally:
                 sock.close()
     except KeyboardInterrupt:

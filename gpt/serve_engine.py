@@ -214,13 +214,18 @@ class Engine:
                     "max_active": self.max_active, "max_queued": self.max_queued}
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel every job and stop the worker."""
+        """End every job (its client hears ``("error", "the server is shutting down")``) and stop
+        the worker. Streams have no natural end soon, so a server stops them rather than wait."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
-            for job in [*self._active, *self._waiting]:
-                job.cancel()
+            jobs = [*self._active, *self._waiting]
             self._waiting.clear()
             self._cond.notify()
+        for job in jobs:
+            job.cancel()
+            job._emit(("error", "the server is shutting down"))
         self._thread.join(timeout)
 
     def _run(self) -> None:
