@@ -64,16 +64,17 @@ class Loader(NamedTuple):
     load: Callable[[object, str], ServedModel]
 
 
-# The first loader that claims a file loads it; with none, the last one (ours) does, and its
-# message says what is wrong. A GPT-2 (Hugging Face) loader goes before ours, e.g. claiming
-# headers whose "format" is "pt" and no METADATA_KEY.
+# The first loader that claims a file loads it; with none, ours does, and its message says what
+# is wrong. A GPT-2 (Hugging Face) loader is one more entry, e.g. claiming headers whose
+# "format" is "pt" without METADATA_KEY.
 LOADERS = {"tinytensor": Loader(lambda header: METADATA_KEY in header, _load_tinytensor)}
+DEFAULT_LOADER = "tinytensor"
 
 
 def load_served(source, backend: str = "numpy") -> ServedModel:
     """The ServedModel for a checkpoint path or InMemoryCheckpoint; CheckpointError on a bad one."""
     header = read_header_metadata(source)
-    loader = next((ld for ld in LOADERS.values() if ld.claims(header)), list(LOADERS.values())[-1])
+    loader = next((ld for ld in LOADERS.values() if ld.claims(header)), LOADERS[DEFAULT_LOADER])
     served = loader.load(source, backend)
     if isinstance(source, InMemoryCheckpoint):
         served.info["bytes"] = len(source.data)
@@ -174,6 +175,9 @@ class Job:
             self._stream = None
 
 
+SHUTDOWN = ("error", "the server is shutting down")
+
+
 class Busy(Exception):
     """Every stream slot and queue place is taken: the client should retry later."""
 
@@ -182,7 +186,7 @@ class Engine:
     """Runs jobs on one worker thread: up to ``max_active`` interleaved token by token, up to
     ``max_queued`` more waiting in order; beyond that :meth:`submit` raises :class:`Busy`."""
 
-    def __init__(self, max_active: int, max_queued: int):
+    def __init__(self, max_active: int, max_queued: int, start: bool = True):
         self.max_active, self.max_queued = max_active, max_queued
         self._cond = threading.Condition()
         self._active: list[Job] = []
@@ -190,6 +194,10 @@ class Engine:
         self._closed = False
         self.completed = 0  # jobs that ran to the end (for /health)
         self._thread = threading.Thread(target=self._run, name="gpt-serve-decoder", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -214,19 +222,24 @@ class Engine:
                     "max_active": self.max_active, "max_queued": self.max_queued}
 
     def close(self, timeout: float = 5.0) -> None:
-        """End every job (its client hears ``("error", "the server is shutting down")``) and stop
-        the worker. Streams have no natural end soon, so a server stops them rather than wait."""
+        """End every job (its client hears ``SHUTDOWN``) and stop the worker. Streams have no
+        natural end soon, so a server stops them rather than wait for them."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            jobs = [*self._active, *self._waiting]
+            waiting = list(self._waiting)
             self._waiting.clear()
+            for job in self._active:
+                job.cancel()  # the worker ends it after the token it may be making
             self._cond.notify()
-        for job in jobs:
+        for job in waiting:
             job.cancel()
-            job._emit(("error", "the server is shutting down"))
-        self._thread.join(timeout)
+            job._emit(SHUTDOWN)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        else:  # never started: nobody else will tell the running jobs
+            self._step_all(list(self._active))
 
     def _run(self) -> None:
         # The whole worker runs without a graph: interleaved generators each enter and leave
@@ -236,21 +249,23 @@ class Engine:
                 with self._cond:
                     while not self._closed and not self._active and not self._waiting:
                         self._cond.wait()
-                    if self._closed:
-                        jobs = self._active
-                    else:
-                        while self._waiting and len(self._active) < self.max_active:
-                            self._active.append(self._waiting.popleft())
-                        jobs = list(self._active)
-                if self._closed:
-                    for job in jobs:
-                        job.step()  # cancelled: closes its generator
+                    while not self._closed and self._waiting and len(self._active) < self.max_active:
+                        self._active.append(self._waiting.popleft())
+                    jobs = list(self._active)
+                self._step_all(jobs)
+                if self._closed and not self._active:
                     return
-                for job in jobs:
-                    if job.step():
-                        with self._cond:
-                            self._active.remove(job)
-                            self.completed += job.finished
+
+    def _step_all(self, jobs) -> None:
+        """One token of each job; the ones that end leave (a cancelled one hears SHUTDOWN if the
+        server is closing: its client is still there)."""
+        for job in jobs:
+            if job.step():
+                with self._cond:
+                    self._active.remove(job)
+                    self.completed += job.finished
+                if self._closed and job.cancelled and not job.finished:
+                    job._emit(SHUTDOWN)
 
 
 def prompt_ids(served: ServedModel, prompt: str) -> list:
