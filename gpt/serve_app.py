@@ -117,7 +117,7 @@ class CompletionRequest:
                                 f"{self.max_tokens!r}", "max_tokens")
         temperature = body.get("temperature", 1.0)
         top_p = body.get("top_p")
-        top_p = None if top_p == 1 else top_p  # 1 keeps every token: the same as off
+        top_p = None if _is_number(top_p) and top_p == 1 else top_p  # 1 keeps every token: the same as off
         top_k = body.get("top_k")
         top_k = None if top_k in (0, -1) and _is_int(top_k) else top_k  # llama.cpp's "off"
         seed = body.get("seed")
@@ -134,8 +134,9 @@ class CompletionRequest:
         self.stream = body.get("stream", False)
         if not isinstance(self.stream, bool):
             raise ApiError(400, f"stream must be true or false, got {self.stream!r}", "stream")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, f"n must be 1 (one completion per request), got {body.get('n')!r}", "n")
+        n = body.get("n", 1)
+        if not (_is_int(n) and n == 1):
+            raise ApiError(400, f"n must be 1 (one completion per request), got {n!r}", "n")
         try:
             self.ids = prompt_ids(served, self.prompt)
         except (TokenizerError, ValueError) as exc:
