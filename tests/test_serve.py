@@ -308,3 +308,11 @@ def test_bad_checkpoint_and_port_in_use_are_one_line_and_exit_1(tmp_path, checkp
         with pytest.raises(RuntimeError, match="exited with 1"):
             srv.__enter__()
         assert len(srv.stderr_lines) == 1 and "cannot listen" in srv.stderr_lines[0], srv.stderr_lines
+
+
+def test_the_load_benchmark_runs_quick():
+    """bench/serve_load.py in quick mode, so it cannot rot (no timing asserted)."""
+    from bench import serve_load
+    r = serve_load.main(["--quick"])
+    assert (r["ok"], r["errors"], r["lost"]) == (r["requests"], 0, 0) and r["requests"] == 8
+    assert r["tokens_per_s_total"] > 0 and r["first_token_ms"]["p50"] > 0
