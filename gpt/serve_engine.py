@@ -18,6 +18,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -39,10 +40,6 @@ class ServedModel:
     info: dict  # what the page shows: loader, parameters, config, tokenizer, step
     created: int  # Unix time it was loaded
 
-    @property
-    def block_size(self) -> int:
-        return self.model.config.block_size
-
 
 def _load_tinytensor(source, backend: str) -> ServedModel:
     """A checkpoint written by gpt.train (its weights only; any optimizer state is skipped)."""
@@ -53,7 +50,7 @@ def _load_tinytensor(source, backend: str) -> ServedModel:
             "parameters": model.config.num_parameters(meta["model_type"]),
             "config": config, "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
             "step": meta.get("step"), "best_val_loss": meta.get("best_val_loss")}
-    return ServedModel(str(source).rsplit("/", 1)[-1], model, tokenizer, info, int(time.time()))
+    return ServedModel(Path(str(source)).name, model, tokenizer, info, int(time.time()))
 
 
 class Loader(NamedTuple):
