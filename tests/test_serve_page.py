@@ -66,8 +66,9 @@ def test_upload_generate_stream_stop_and_a_bad_file(browser, tmp_path):
 
         find("file").send_keys(str(good))  # choose the file: the page uploads it
         wait_for(browser, lambda: text_of(browser, "model-status") == "Loaded ckpt.safetensors", "the upload")
-        info = text_of(browser, "model-info")
-        assert "parameters 1,208" in info and "n_embd 8" in info and "char, 24 tokens" in info, info
+        info, config = text_of(browser, "model-info"), text_of(browser, "model-config")
+        assert "parameters 1,208" in info and "char, 24 tokens" in info, info
+        assert "n_embd 8" in config and "block_size 16" in config, config
 
         prompt = find("prompt")
         prompt.clear()
