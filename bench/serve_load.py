@@ -7,7 +7,8 @@
 Starts the server on a free loopback port (random weights of ``--preset`` unless
 ``--checkpoint``), sends ``--requests`` streaming requests from ``--streams`` client threads,
 and reports errors and lost requests (both must be 0), the latency to the first token
-(p50/p95/max) and tokens/s (all streams together, and per stream). The client side here
+(p50/p95/max) and tokens/s (all streams together, and per stream), beside gpt.generate's loop
+on the same model in this process without HTTP, one stream at a time. The client side here
 (start a server, read SSE) is also what tests/test_serve.py drives the server with.
 """
 from __future__ import annotations
@@ -193,6 +194,20 @@ def summarize(results: list[dict], wall_s: float, max_tokens: int) -> dict:
             "wall_s": round(wall_s, 2)}
 
 
+def direct_tokens_per_s(checkpoint, max_tokens: int, prompt: str = "ROMEO:", repeats: int = 5) -> float:
+    """The peer: gpt.generate's loop on the same model in this process, one stream at a time,
+    no HTTP (what a server could at best reach without batching streams together)."""
+    from gpt.generate import generate_tokens, load_model
+
+    model, tok, _ = load_model(checkpoint)
+    ids = np.array([tok.encode(prompt)])
+    t0 = time.perf_counter()
+    for seed in range(repeats):
+        for _ in generate_tokens(model, ids, max_tokens, 1.0, seed=seed):
+            pass
+    return repeats * max_tokens / (time.perf_counter() - t0)
+
+
 def main(argv=None):
     ap = parser("python -m bench.serve_load", __doc__, "shakespeare_char_cpu", "4 streams, 8 requests, tiny model",
                 backend=False)
@@ -210,10 +225,12 @@ def main(argv=None):
                     "--max-queued", max(args.requests, 64)) as server:
             results, wall = run_load(server.url, args.requests, args.streams, args.max_tokens)
             _, health = get_json(server.url, "/health")
+        direct = direct_tokens_per_s(checkpoint, args.max_tokens)  # right after, on the same machine
     result = {"benchmark": "serve_load", "preset": None if args.checkpoint else args.preset,
               "checkpoint": args.checkpoint, "streams": args.streams, "server_streams": args.server_streams,
               "max_tokens": args.max_tokens, **summarize(results, wall, args.max_tokens),
-              "server_after": health, "machine": machine()}
+              "direct_tokens_per_s": round(direct, 1), "server_after": health, "machine": machine()}
+    result["total_vs_direct"] = round(result["tokens_per_s_total"] / direct, 2)
     print(json.dumps(result, indent=1))
     bad = [r for r in results if r["error"] or not r["done"]]
     for r in bad[:5]:

@@ -120,7 +120,7 @@ class Sampling(NamedTuple):
 
 class Job:
     """One completion: the prompt's token ids, how many tokens to make, how to sample. The
-    worker calls :meth:`step`; ``on_event`` gets ``("token", text)`` for each token (text may
+    engine calls :meth:`step`; ``on_event`` gets ``("token", text)`` for each token (text may
     be "" inside a multi-byte character), then one ``("done", text)`` or ``("error", message)``.
     ``on_event`` is called on the worker thread: it must only hand the event over."""
 
@@ -136,11 +136,12 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def step(self) -> bool:
-        """Make one token; True when the job is over (finished, failed or cancelled)."""
+    def step(self) -> tuple[bool, Optional[tuple]]:
+        """Make one token and hand it over. When the job is over, return its last event (None
+        when cancelled: nobody listens) for the caller to send once its books are done."""
         if self.cancelled:
             self._close()
-            return True
+            return True, None
         try:
             if self._stream is None:
                 s = self.sampling
@@ -150,15 +151,13 @@ class Job:
             token = next(self._stream, None)
             if token is None:
                 self.finished = True
-                self._emit(("done", self._decoder.flush()))
-                return True
+                return True, ("done", self._decoder.flush())
             self.tokens += 1
             self._emit(("token", self._decoder.feed(int(token[0]))))
-            return False
+            return False, None
         except Exception as exc:  # noqa: BLE001 -- one request's failure must not stop the server
             self._close()
-            self._emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
-            return True
+            return True, ("error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _emit(self, event) -> None:
         try:
@@ -257,12 +256,15 @@ class Engine:
         """One token of each job; the ones that end leave (a cancelled one hears SHUTDOWN if the
         server is closing: its client is still there)."""
         for job in jobs:
-            if job.step():
-                with self._cond:
+            over, last = job.step()
+            if over:
+                with self._cond:  # before the client hears: /health never shows a job it saw end
                     self._active.remove(job)
                     self.completed += job.finished
-                if self._closed and job.cancelled and not job.finished:
-                    job._emit(SHUTDOWN)
+                if last is None and self._closed:
+                    last = SHUTDOWN
+                if last is not None:
+                    job._emit(last)
 
 
 def prompt_ids(served: ServedModel, prompt: str) -> list:
