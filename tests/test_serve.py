@@ -156,6 +156,20 @@ def test_unknown_routes_and_methods_are_json_errors_and_foreign_hosts_are_refuse
     assert status == 400
 
 
+def test_the_official_openai_client_works(server, checkpoint):
+    openai = pytest.importorskip("openai", reason="the openai package is not installed (optional)")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=WAIT_S, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["ckpt.safetensors"]
+    args = dict(model="ckpt.safetensors", prompt=PROMPT, max_tokens=15, temperature=0.8, seed=2, extra_body={"top_k": 9})
+    whole = client.completions.create(**args)
+    assert whole.choices[0].text == expected_text(checkpoint, 15, temperature=0.8, seed=2, top_k=9)
+    assert whole.usage.completion_tokens == 15
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**args, stream=True))
+    assert streamed == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be"):
+        client.completions.create(**{**args, "max_tokens": -1})
+
+
 def test_page_is_served(server):
     status, headers, data = request(server.url, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
