@@ -217,7 +217,12 @@ class Portal:
                            f"the upload {name!r}", "upload a smaller checkpoint or free memory")
             except ResourceError as exc:
                 raise ApiError(413, str(exc)) from None
-            data = await read_body(request, limit, f"checkpoint {name!r}")
+            try:
+                data = await asyncio.wait_for(read_body(request, limit, f"checkpoint {name!r}"),
+                                              self.limits.upload_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the upload {name!r} did not arrive within {self.limits.upload_timeout_s} s "
+                                    "(--upload-timeout-s)") from None
             try:  # reading and building the model is CPU work: off the event loop, the streams go on
                 served = await asyncio.get_running_loop().run_in_executor(
                     None, load_served, InMemoryCheckpoint(data, name), self.backend)

@@ -92,6 +92,8 @@ class ServeLimits:
     max_streams: int = _limit(8, "requests generating at once (interleaved token by token)", 1, 1024)
     max_queued: int = _limit(64, "requests waiting for a free stream; beyond this a request gets 429", 0, 100_000)
     max_upload_mb: int = _limit(1024, "largest checkpoint upload in MiB (read into memory)", 1, 1 << 20)
+    upload_timeout_s: int = _limit(600, "seconds an upload may take to arrive (one upload at a time: a stalled "
+                                        "one must not block the others)", 1, 86_400)
 
     def check(self) -> None:
         for f in fields(self):

@@ -283,6 +283,21 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(server, checkpoi
     assert post(server, {"prompt": PROMPT, "max_tokens": 2})[0] == 200
 
 
+def test_a_stalled_upload_times_out_and_frees_the_upload_slot(checkpoint):
+    with Server("--checkpoint", checkpoint, "--upload-timeout-s", 1) as srv:
+        with socket.create_connection(srv.url.split("://")[1].rsplit(":", 1), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /api/model HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b"x" * 10)  # and then nothing
+            answer = b""
+            while b"}}" not in answer:  # the end of the JSON error, or the server closing
+                part = sock.recv(4096)
+                if not part:
+                    break
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer
+        assert upload(srv, checkpoint.read_bytes())[0] == 200
+
+
 def test_no_upload_and_no_model(checkpoint):
     with Server("--no-upload", "--checkpoint", checkpoint) as srv:
         status, body = upload(srv, checkpoint.read_bytes())
