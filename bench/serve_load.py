@@ -14,7 +14,6 @@ on the same model in this process without HTTP, one stream at a time. The client
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import http.client
 import json
 import os
