@@ -90,6 +90,8 @@ def _server_class(uvicorn, portal):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad option exits with code 2 and argparse's message
+    if not args.upload and not args.checkpoint:
+        parser.error("--no-upload serves --checkpoint only: pass --checkpoint PATH")
     try:  # the extra: checked before anything else so that its absence is the one message
         import uvicorn
         from .serve_app import Portal, create_app

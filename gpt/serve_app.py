@@ -272,12 +272,12 @@ class Portal:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 text = "".join(t for kind, t in batch if kind != "error")
-                kind, last = batch[-1]
+                kind, last = batch[-1]  # "done" and "error" come last
+                if text:
+                    yield chunk(text)
                 if kind == "error":
                     yield f"data: {json.dumps({'error': {'message': last, 'type': 'server_error'}})}\n\n"
                     return
-                if text:
-                    yield chunk(text)
                 if kind == "done":
                     yield chunk("", "length", usage=_usage(prompt_tokens, job.tokens))
                     yield "data: [DONE]\n\n"

@@ -159,6 +159,8 @@ def test_help_and_bad_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--max-streams" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["--max-streams", "0"])
-    assert exc.value.code == 2 and "--max-streams" in capsys.readouterr().err
+    for args, needle in ((["--max-streams", "0"], "--max-streams"), (["--port", "70000"], "--port"),
+                         (["--no-upload"], "--no-upload serves --checkpoint only")):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
