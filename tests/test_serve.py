@@ -318,8 +318,9 @@ def test_signal_stops_the_server_with_130_even_mid_stream(checkpoint, sig):
     events = stream_events(srv.url, {"prompt": PROMPT, "max_tokens": 1_000_000}, timeout=WAIT_S)
     next(events)
     code, err = srv.stop(sig)
-    events.close()
+    rest = [data for _, data in events]  # what the server sent before it went
     assert code == 130 and err.strip() == "interrupted", err
+    assert json.loads(rest[-1])["error"]["message"] == "the server is shutting down"  # told, not cut off
 
 
 def test_bad_checkpoint_and_port_in_use_are_one_line_and_exit_1(tmp_path, checkpoint):
