@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field, fields
+import io
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -46,8 +47,8 @@ from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY
                                   validate_model_meta, validate_training_meta)
 from .resources import ResourceError, check_fits
 
-__all__ = ["CheckpointError", "TensorSpec", "TrainingState", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
-           "read_model_weights", "weights_are_finite", "pack_training_state", "unpack_training_state",
+__all__ = ["CheckpointError", "TensorSpec", "InMemoryCheckpoint", "TrainingState", "save_checkpoint", "load_checkpoint", "read_checkpoint_metadata",
+           "read_header_metadata", "read_model_weights", "weights_are_finite", "pack_training_state", "unpack_training_state",
            "validate_model_meta", "validate_training_meta", "FORMAT", "METADATA_KEY"]
 
 # dtypes safetensors can store and NumPy can represent (native byte order)
@@ -121,10 +122,34 @@ def save_checkpoint(
 
 
 # --------------------------------------------------------------------------- reading
+class InMemoryCheckpoint(NamedTuple):
+    """A checkpoint's bytes that never touched the disk (e.g. an upload), accepted wherever a
+    path is read: the same reader and checks run on them; ``name`` is what messages call it.
+
+    >>> model, tokenizer, meta = load_model(InMemoryCheckpoint(data, "upload.safetensors"))  # doctest: +SKIP
+    """
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Source = Union[str, os.PathLike, InMemoryCheckpoint]
+
+
+def _source(source: Source):
+    return source if isinstance(source, InMemoryCheckpoint) else Path(source)
+
+
 @contextlib.contextmanager
-def _open(path: Path):
+def _open(path):
     """The opened checkpoint and its size; one open file for header and tensors, so a
-    checkpoint replaced meanwhile (a trainer saving) cannot mix two files' contents."""
+    checkpoint replaced meanwhile (a trainer saving) cannot mix two files' contents.
+    An InMemoryCheckpoint is read through a BytesIO, which shares its bytes (no copy)."""
+    if isinstance(path, InMemoryCheckpoint):
+        yield io.BytesIO(path.data), len(path.data)
+        return
     if not path.exists():
         raise CheckpointError(
             f"checkpoint not found: {path}. Train a model first with `python -m gpt.train` "
@@ -159,8 +184,8 @@ def _read_exactly(f, n: int, path, what: str) -> bytes:
     return data
 
 
-def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
-    """(metadata, specs, byte offset of the data section), reading only the header."""
+def _read_safetensors_header(f, size: int, path) -> tuple[dict[str, str], dict[str, TensorSpec], int]:
+    """(the header's ``__metadata__``, specs, byte offset of the data section), reading only the header."""
     if size < 8:
         raise corrupt(path, f"it is {size} bytes long, too short to hold a header")
     n = int.from_bytes(_read_exactly(f, 8, path, "the header length"), "little")
@@ -169,7 +194,25 @@ def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
     if n > size - 8:
         raise corrupt(path, f"its header claims {n} bytes but only {size - 8} follow")
     header_meta, specs = parse_header(_read_exactly(f, n, path, "the header"), size - 8 - n, path)
-    return parse_metadata(header_meta, path), specs, 8 + n
+    return header_meta, specs, 8 + n
+
+
+def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
+    """(our metadata, specs, byte offset of the data section), reading only the header."""
+    header_meta, specs, base = _read_safetensors_header(f, size, path)
+    return parse_metadata(header_meta, path), specs, base
+
+
+def read_header_metadata(path: Source) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (string -> string) of any safetensors file,
+    after the header's checks; what a program looks at to pick a loader for a file.
+
+    >>> read_header_metadata("out/ckpt.safetensors")["format"]  # doctest: +SKIP
+    'tinytensor-ckpt-v2'
+    """
+    path = _source(path)
+    with _open(path) as (f, size):
+        return _read_safetensors_header(f, size, path)[0]
 
 
 def _read_tensor(f, spec: TensorSpec, base: int, name: str, path) -> np.ndarray:
@@ -202,7 +245,7 @@ def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict
     return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
 
 
-def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, TensorSpec]]:
+def read_checkpoint_metadata(path: Source) -> tuple[dict, dict[str, TensorSpec]]:
     """``(metadata, name -> TensorSpec)`` from the header alone; no tensor data is read.
 
     >>> meta, specs = read_checkpoint_metadata("out/ckpt.safetensors")  # doctest: +SKIP
@@ -211,13 +254,13 @@ def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> tuple[dict, dict[
 
     Raises CheckpointError like :func:`load_checkpoint`.
     """
-    path = Path(path)
+    path = _source(path)
     with _open(path) as (f, size):
         meta, specs, _ = _read_header(f, size, path)
     return meta, specs
 
 
-def load_checkpoint(path: Union[str, os.PathLike],
+def load_checkpoint(path: Source,
                     names: Optional[Iterable[str]] = None) -> tuple[dict[str, np.ndarray], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -231,7 +274,7 @@ def load_checkpoint(path: Union[str, os.PathLike],
             not safetensors, a safetensors file not written by gpt.train, lacks one
             of ``names``, or its tensors would not fit in memory.
     """
-    path = Path(path)
+    path = _source(path)
     with _open(path) as (f, size):
         meta, specs, base = _read_header(f, size, path)
         tensors = _read_tensors(f, specs, base, specs if names is None else names, path)
@@ -359,10 +402,11 @@ def unpack_training_state(tensors: dict, metadata: dict, path="the checkpoint"):
     return model_state, {"type": opt_meta["type"], "state": state, "param_groups": groups}
 
 
-def read_model_weights(path):
+def read_model_weights(path: Source):
     """(model_type, GPTConfig, tokenizer, weights, metadata): the header and metadata validated
-    first (nothing allocated for a bad file), then only the model's tensors read."""
-    path = Path(path)
+    first (nothing allocated for a bad file), then only the model's tensors read. ``path`` may
+    be an :class:`InMemoryCheckpoint`."""
+    path = _source(path)
     with _open(path) as (f, size):
         meta, specs, base = _read_header(f, size, path)
         model_type, config, tokenizer = validate_model_meta(meta, path, specs)

@@ -171,6 +171,7 @@ class KVCache:
 
 def load_model(path, backend: str = "numpy"):
     """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``, for inference.
+    ``path`` may also be a ``gpt.checkpoint.InMemoryCheckpoint`` (an upload's bytes).
 
     >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
 
