@@ -287,7 +287,8 @@ class Trainer:
                     self.runlog.flush()
                     self.save()
                     self.runlog.close_bar()
-                    self.log(f"interrupted ({stop.signame}): checkpoint saved at step {self.step} to "
+                    signame = stop.signame or "a signal to another rank"
+                    self.log(f"interrupted ({signame}): checkpoint saved at step {self.step} to "
                              f"{self.run_dir.ckpt}; continue with --resume")
                     return EXIT_INTERRUPTED
         finally:

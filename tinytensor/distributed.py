@@ -124,16 +124,18 @@ class MpiCommunicator(Communicator):
             buf[...] = self.xp.asarray(host)
 
     def bcast_object(self, obj):
-        with self.watching("a broadcast from rank 0"):
-            return self.comm.bcast(obj, root=0)
+        # at the start only, where a rank may legitimately take long (preparing a dataset): no deadline
+        return self.comm.bcast(obj, root=0)
 
     def wait_for_root(self) -> None:
-        # polled with sleeps, not a blocking barrier: MPI's blocking waits spin, which would
-        # take a core from rank 0 for as long as its evaluation runs
+        # a barrier polled with sleeps, not a blocking one: MPI's blocking waits spin, which would
+        # take a core from rank 0 for as long as its evaluation runs. Rank 0 arrives last, so
+        # only its wait has a deadline (the others' lasts as long as its evaluation)
         request, pause = self.comm.Ibarrier(), 1e-4
-        while not request.Test():
-            time.sleep(pause)
-            pause = min(2 * pause, 0.01)
+        with self.watching("a barrier after rank 0's evaluation") if self.is_root else contextlib.nullcontext():
+            while not request.Test():
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
 
     def watching(self, what: str):
         return self._watchdog.watching(what)
