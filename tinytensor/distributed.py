@@ -157,11 +157,13 @@ class NcclCommunicator(MpiCommunicator):
 
     def __init__(self, backend: str = "cupy", timeout: float = 600.0):
         super().__init__(backend, timeout)
-        try:
+        try:  # CuPy's module imports without NCCL too, then saying available = False
             nccl = importlib.import_module("cupy.cuda.nccl")
+            if not getattr(nccl, "available", False):
+                raise ImportError("cupy.cuda.nccl.available is False")
         except ImportError as exc:
-            raise DistributedError(f"this CuPy has no NCCL ({exc}); install NCCL for CuPy (pip install "
-                                   "nvidia-nccl-cu12), or use --dist mpi") from None
+            raise DistributedError(f"this CuPy has no NCCL ({exc}); install NCCL for CuPy (its install guide, "
+                                   "'Additional CUDA Libraries'), or use --dist mpi") from None
         self.nccl = nccl
         uid = nccl.get_unique_id() if self.is_root else None
         with self.watching("the NCCL set-up"):
