@@ -21,12 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gpt.data
+import tinytensor as tt
 from gpt import train as train_cli
 from gpt.checkpoint import TrainingState
 from textgen import make_text
+from tinytensor.distributed import LAUNCHER_SIZE_VARS, Communicator, GradientAverager, launched_size
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -265,3 +268,41 @@ def test_dist_options_are_checked(work, tmp_path, monkeypatch, capsys):
     assert train_cli.main(args(work, tmp_path / "run", "--dist", "mpi", steps=2)) == 2
     assert 'pip install -e ".[mpi]"' in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- the all-reduce buffer, in one process (a stand-in for the other rank) --------------------------------------------
+class OtherRank(Communicator):
+    """Two ranks seen from rank 0: the other rank's buffer is ``other``; the mean is computed here."""
+
+    size = 2
+
+    def __init__(self, other):
+        self.other, self.calls = other, 0
+
+    def allreduce_mean_(self, buf):
+        self.calls += 1
+        buf[...] = (buf + self.other) * buf.dtype.type(0.5)
+
+
+def test_one_all_reduce_averages_gradients_loss_and_stop_requests(xp):
+    a, b, unused = (tt.nn.Parameter(xp.zeros(shape, dtype=np.float32)) for shape in ((2, 3), (4,), (5,)))
+    a.grad, b.grad = xp.full((2, 3), 2.0, dtype=np.float32), xp.arange(4, dtype=np.float32)
+    other = np.concatenate([np.full(6, 4.0), np.full(4, 10.0), [3.0, 1.0]]).astype(np.float32)
+    comm = OtherRank(xp.asarray(other))
+    loss, stop = GradientAverager(comm)([a, b, unused], xp.asarray(np.float64(5.0)), stop_requested=False)
+    assert comm.calls == 1
+    assert (loss, stop) == (4.0, True)  # the other rank asked to stop
+    assert tt.backend.to_numpy(a.grad).tolist() == [[3.0] * 3] * 2 and a.grad.shape == (2, 3)
+    assert tt.backend.to_numpy(b.grad).tolist() == [5.0, 5.5, 6.0, 6.5]
+    assert a.grad.dtype == np.float32 and unused.grad is None  # a missing gradient stays missing
+    b.grad = b.grad.astype(np.float64)
+    with pytest.raises(ValueError, match="one dtype"):
+        GradientAverager(comm)([a, b], xp.asarray(np.float64(1.0)), False)
+
+
+def test_launched_size_reads_the_launchers_variables(monkeypatch):
+    for var in LAUNCHER_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert launched_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_size() == 4
