@@ -37,8 +37,9 @@ def _mpiexec():
 
 
 # (name, ranks, threads per rank, batch per rank as a multiple of the preset's)
-CONFIGS = [("1 rank x 2 threads, batch B", 1, 2, 1), ("1 rank x 1 thread, batch B", 1, 1, 1),
-           ("2 ranks x 1 thread, batch B each", 2, 1, 1), ("1 rank x 2 threads, batch 2B", 1, 2, 2)]
+# (one rank with two threads on batch 2B is the same global batch as two ranks of one thread each)
+CONFIGS = [("1 rank x 1 thread, batch B", 1, 1, 1), ("2 ranks x 1 thread, batch B each", 2, 1, 1),
+           ("1 rank x 2 threads, batch 2B", 1, 2, 2)]
 
 
 def run_config(ranks, threads, batch, args, steps, tmp):
@@ -85,6 +86,46 @@ def allreduce_worker(reps: int):
         print(json.dumps(result))
 
 
+# -- the cost model of bench/RESULTS.md: every assumption named here ---------------------------------------------
+# (bus bandwidth an all-reduce of ~43 MB reaches, latency per ring step); a ring all-reduce of S bytes over N ranks
+# sends 2(N-1)/N * S through every link in 2(N-1) steps
+LINKS = {"NVLink (H100 SXM, NVSwitch)": (350e9, 5e-6),
+         "100 Gb/s Ethernet (RoCE, 1 NIC per node)": (10e9, 20e-6)}
+PCIE_BYTES_PER_S = 25e9  # host staging (--dist mpi on CuPy): the buffer crosses PCIe twice per step
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Seconds for a ring all-reduce: 2(N-1)/N * bytes / bandwidth + 2(N-1) * latency."""
+    if ranks == 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / bandwidth + 2 * (ranks - 1) * latency
+
+
+def cost_model(gpu_step_ms: float, preset: str = "shakespeare_char") -> list[dict]:
+    """Predicted step time and tokens/s of ``preset`` on 1, 8 and 64 GPUs per link, weak scaling
+    (the preset's batch on every GPU), one all-reduce after backward (no overlap), plus the
+    evaluation that only rank 0 runs, spread over the steps between evaluations."""
+    cfg, batch = model_config(preset)
+    train = dict(eval_iters=200, eval_interval=250)  # the preset's (gpt/config.py)
+    nbytes = 4 * (cfg.num_parameters("gpt") + 2)
+    tokens = batch * cfg.block_size
+    # an evaluation: 2 splits x eval_iters forward passes, a forward ~ 1/3 of a training step
+    eval_ms = 2 * train["eval_iters"] * gpu_step_ms / 3 / train["eval_interval"]
+    rows = []
+    for link, (bandwidth, latency) in LINKS.items():
+        for n in (1, 8, 64):
+            ar_ms = 1e3 * ring_allreduce_s(nbytes, n, bandwidth, latency)
+            step = gpu_step_ms + ar_ms
+            rows.append({"link": link, "gpus": n, "allreduce_ms": round(ar_ms, 2), "step_ms": round(step, 1),
+                         "tokens_per_s": round(n * tokens / step * 1e3), "efficiency": round(gpu_step_ms / step, 3),
+                         "step_ms_with_eval": round(step + eval_ms, 1),
+                         # --dist mpi on CuPy: the same network, plus the copies to and from the host (over
+                         # NVLink it would not be the same network: MPI's host path does not use NVLink)
+                         "staged_step_ms": round(step + 2e3 * nbytes / PCIE_BYTES_PER_S, 1)
+                         if n > 1 and "Ethernet" in link else None})
+    return rows
+
+
 def main(argv=None):
     ap = parser("python -m bench.dist_scaling", __doc__, "shakespeare_char_cpu", "5+10 steps, one round",
                 backend=False)
@@ -93,7 +134,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--allreduce", action="store_true", help="also time the all-reduce alone (2 ranks)")
     ap.add_argument("--allreduce-worker", type=int, help=argparse_hidden())
+    ap.add_argument("--model", type=float, metavar="GPU_STEP_MS",
+                    help="print the cost model for 8 and 64 GPUs, given one GPU's step time of the full preset")
     a = ap.parse_args(argv)
+    if a.model:
+        rows = cost_model(a.model)
+        print(json.dumps(rows, indent=1))
+        return finish({"gpu_step_ms": a.model, "rows": rows}, a.json) and 0
     if a.allreduce_worker:
         return allreduce_worker(a.allreduce_worker)
     if _mpiexec() is None:
