@@ -101,7 +101,7 @@ class TrainConfig(ModelOptions):
     overwrite: bool = _opt(False, "start a new run in an --out-dir that holds another run's checkpoints, "
                                   "deleting them", resume="local")
     progress: bool = _opt(True, "a progress bar on a terminal (plain log lines otherwise)", resume="local")
-    # data-parallel (gpt/distributed.py): how this invocation runs, never the checkpoint's (any number of ranks resumes)
+    # data-parallel (gpt/distributed.py): this invocation's, never the checkpoint's (any number of ranks resumes)
     dist: str = _opt("auto", "data-parallel transport under mpiexec: mpi (NumPy, or CuPy staged through the host), "
                              "nccl (CuPy, GPU to GPU), none (one process); auto: nccl on cupy, mpi on numpy when "
                              "mpiexec started several processes, else none. --batch-size is per rank",

@@ -100,7 +100,7 @@ class Trainer:
     def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None, comm=None):
         self.cfg, self.run_dir = cfg, run
         self.parallel = DataParallel(comm)
-        self.runlog = RunLog(cfg) if self.parallel.is_root else QuietLog()  # messages only, until run() opens the metrics
+        self.runlog = RunLog(cfg) if self.parallel.is_root else QuietLog()  # messages until run() opens metrics
         self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         compute_dtype = tt.optim.resolve_dtype(cfg.dtype, cfg.backend)  # (bfloat16: ml_dtypes' hint)
@@ -252,7 +252,7 @@ class Trainer:
                           self.parallel.grad_sync())
         if not math.isfinite(loss):
             raise LossNotFiniteError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
-                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
+                                     f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
         self.step += 1
         return loss, lr
 

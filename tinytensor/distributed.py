@@ -275,7 +275,8 @@ class GradientAverager:
             raise ValueError("GradientAverager: no parameter has a gradient")
         xp, dtype = xp_of(params[0].grad), params[0].grad.dtype
         if any(p.grad.dtype != dtype for p in params):
-            raise ValueError(f"GradientAverager: gradients of one dtype, got {sorted({str(p.grad.dtype) for p in params})}")
+            dtypes = sorted({str(p.grad.dtype) for p in params})
+            raise ValueError(f"GradientAverager: gradients of one dtype, got {dtypes}")
         # the loss rides in the gradients' dtype: float32 rounds it by at most 6e-8 relative
         tail = xp.stack([xp.asarray(loss_total).astype(dtype), xp.asarray(float(bool(stop_requested)), dtype=dtype)])
         buf = xp.concatenate([p.grad.reshape(-1) for p in params] + [tail])
