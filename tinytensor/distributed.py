@@ -104,7 +104,8 @@ class MpiCommunicator(Communicator):
         MPI = _import_mpi()
         self._MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        if launched_size() != self.size:
+        # (other launchers, e.g. srun, set none of the variables: nothing to compare then)
+        if launched_size() > 1 and launched_size() != self.size:
             raise DistributedError(
                 f"the launcher started {launched_size()} processes but MPI sees {self.size}: the mpiexec on "
                 f"PATH does not belong to the MPI library mpi4py loads ({MPI.Get_library_version().splitlines()[0]}"
