@@ -12,6 +12,7 @@ tests skip; the checks that need no MPI (options, no mpi4py import in one proces
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cupy_standin
 import gpt.data
 import tinytensor as tt
 from gpt import train as train_cli
@@ -289,7 +291,11 @@ def test_one_all_reduce_averages_gradients_loss_and_stop_requests(xp):
     a.grad, b.grad = xp.full((2, 3), 2.0, dtype=np.float32), xp.arange(4, dtype=np.float32)
     other = np.concatenate([np.full(6, 4.0), np.full(4, 10.0), [3.0, 1.0]]).astype(np.float32)
     comm = OtherRank(xp.asarray(other))
-    loss, stop = GradientAverager(comm)([a, b, unused], xp.asarray(np.float64(5.0)), stop_requested=False)
+    counting = cupy_standin.count_syncs() if cupy_standin.installed() and xp is not np else contextlib.nullcontext()
+    with counting as syncs:
+        loss, stop = GradientAverager(comm)([a, b, unused], xp.asarray(np.float64(5.0)), stop_requested=False)
+    if syncs is not None:  # on a GPU: the loss and the stop flag come back in one read (it waits for NCCL)
+        assert syncs.n == 1, syncs
     assert comm.calls == 1
     assert (loss, stop) == (4.0, True)  # the other rank asked to stop
     assert tt.backend.to_numpy(a.grad).tolist() == [[3.0] * 3] * 2 and a.grad.shape == (2, 3)
