@@ -16,7 +16,7 @@
   wait for it at each evaluation (without a deadline: an evaluation may take long).
 * A failure that every rank sees (a NaN loss: the loss is all-reduced) ends every rank with the
   same code, and rank 0 says why; any other failure is printed by the rank that met it, which
-  then ends all ranks (MPI_Abort). A rank that dies is noticed by the launcher, or by the
+  then ends (the launcher ends the others). A rank that dies is noticed by the launcher, or by the
   others' watchdog after --dist-timeout seconds.
 """
 from __future__ import annotations

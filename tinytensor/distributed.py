@@ -142,11 +142,13 @@ class MpiCommunicator(Communicator):
         return self._watchdog.watching(what)
 
     def abort(self, code: int) -> None:
-        sys.stderr.flush()
-        self.comm.Abort(code)
-
-    def _abort_transport(self) -> None:
-        pass
+        """End this rank at once; the launcher (mpiexec of MPICH or Open MPI) then ends the others,
+        and where it would not, their watchdogs do. Not MPI_Abort: its request to the launcher
+        travels beside the rank's output, which the launcher may drop in its clean-up (the one line
+        saying why was lost so in a test), and in one run called from the watchdog while the main
+        thread was inside MPI, the job went on spinning after it. A plain exit reaches the
+        launcher after the output written before it."""
+        _exit(code)
 
 
 class NcclCommunicator(MpiCommunicator):
@@ -181,9 +183,6 @@ class NcclCommunicator(MpiCommunicator):
         self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._dtypes[buf.dtype],
                                  self.nccl.NCCL_SUM, stream.ptr)
         buf *= buf.dtype.type(1.0 / self.size)
-
-    def _abort_transport(self) -> None:
-        self.nccl_comm.abort()  # frees GPU kernels stuck waiting for a dead peer
 
 
 class _Watchdog:
@@ -222,11 +221,18 @@ class _Watchdog:
         os.write(2, (f"error: rank {self.comm.rank} of {self.comm.size}: {self._what} got no answer within "
                      f"{self.timeout:g} s (--dist-timeout): another rank died or hangs; stopping all ranks. "
                      "The last checkpoint written is intact; continue with --resume\n").encode())
+        # the process ends with its GPU context (a kernel stuck on a dead peer included); see abort()
+        self.comm.abort(EXIT_TIMEOUT)
+
+
+def _exit(code: int) -> None:
+    """Flush what this process printed and end it now, MPI and all (no finalize, no atexit)."""
+    for stream in (sys.stdout, sys.stderr):
         try:
-            self.comm._abort_transport()
-            self.comm.comm.Abort(EXIT_TIMEOUT)
-        finally:
-            os._exit(EXIT_TIMEOUT)  # if MPI could not abort, this process at least ends
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 COMMUNICATORS = {"none": Communicator, "mpi": MpiCommunicator, "nccl": NcclCommunicator}
