@@ -106,8 +106,8 @@ class TrainConfig(ModelOptions):
                              "nccl (CuPy, GPU to GPU), none (one process); auto: nccl on cupy, mpi on numpy when "
                              "mpiexec started several processes, else none. --batch-size is per rank",
                      resume="local", choices=DIST_CHOICES)
-    dist_timeout: float = _opt(600.0, "seconds a rank waits for the others in a step's all-reduce before it stops "
-                                      "every rank (a rank died or hangs)", resume="local")
+    dist_timeout: float = _opt(600.0, "seconds a rank waits for the others in a step's all-reduce (or a start-up "
+                                      "broadcast) before it stops every rank (a rank died or hangs)", resume="local")
 
     def validate(self):
         """Raise ValueError with one clear message for the first bad value."""

@@ -101,21 +101,26 @@ class MpiCommunicator(Communicator):
     name = "mpi"
 
     def __init__(self, backend: str = "numpy", timeout: float = 600.0):
-        MPI = _import_mpi()
-        self._MPI, self.comm = MPI, MPI.COMM_WORLD
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        # (other launchers, e.g. srun, set none of the variables: nothing to compare then)
-        if launched_size() > 1 and launched_size() != self.size:
-            raise DistributedError(
-                f"the launcher started {launched_size()} processes but MPI sees {self.size}: the mpiexec on "
-                f"PATH does not belong to the MPI library mpi4py loads ({MPI.Get_library_version().splitlines()[0]}"
-                "); use that library's mpiexec (pip's mpich wheel puts it next to python)")
-        # ranks on this machine, for choosing a GPU each
-        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        self.rank, self.size = -1, launched_size()  # until MPI says
+        # first: MPI's start-up waits for every rank too. (Not MPI_Init itself: mpi4py runs it while
+        # importing, holding Python's lock, so no thread runs until it returns; a rank that hangs
+        # before it has started MPI keeps the others waiting there. The launcher sees a rank that dies.)
+        self._watchdog = _Watchdog(timeout, self)
+        with self.watching("the MPI start-up"):
+            MPI = _import_mpi()
+            self._MPI, self.comm = MPI, MPI.COMM_WORLD
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+            # (other launchers, e.g. srun, set none of the variables: nothing to compare then)
+            if launched_size() > 1 and launched_size() != self.size:
+                raise DistributedError(
+                    f"the launcher started {launched_size()} processes but MPI sees {self.size}: the mpiexec on PATH "
+                    f"does not belong to the MPI library mpi4py loads ({MPI.Get_library_version().splitlines()[0]}); "
+                    "use that library's mpiexec (pip's mpich wheel puts it next to python)")
+            # ranks on this machine, for choosing a GPU each
+            self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
         if backend == "cupy":
             _use_gpu(self.local_rank)
         self.xp = get_xp(backend)
-        self._watchdog = _Watchdog(timeout, self)
 
     def allreduce_mean_(self, buf) -> None:
         host = buf if self.xp is np else to_numpy(buf)
@@ -125,8 +130,8 @@ class MpiCommunicator(Communicator):
             buf[...] = self.xp.asarray(host)
 
     def bcast_object(self, obj):
-        # at the start only, where a rank may legitimately take long (preparing a dataset): no deadline
-        return self.comm.bcast(obj, root=0)
+        with self.watching("a broadcast from rank 0"):
+            return self.comm.bcast(obj, root=0)
 
     def wait_for_root(self) -> None:
         # a barrier polled with sleeps, not a blocking one: MPI's blocking waits spin, which would
@@ -218,7 +223,8 @@ class _Watchdog:
                     self._cond.wait(left)
                     continue
                 break
-        os.write(2, (f"error: rank {self.comm.rank} of {self.comm.size}: {self._what} got no answer within "
+        rank = self.comm.rank if self.comm.rank >= 0 else "?"
+        os.write(2, (f"error: rank {rank} of {self.comm.size}: {self._what} got no answer within "
                      f"{self.timeout:g} s (--dist-timeout): another rank died or hangs; stopping all ranks. "
                      "The last checkpoint written is intact; continue with --resume\n").encode())
         # the process ends with its GPU context (a kernel stuck on a dead peer included); see abort()
