@@ -56,9 +56,9 @@ class Communicator:
 
     ``allreduce_mean_(buf)`` averages a flat buffer over the ranks in place (on CuPy the
     result may still be in flight: read it inside ``watching``); ``bcast_object`` sends a
-    Python object from rank 0 to all; ``wait_for_root`` waits, without a deadline, for rank 0
-    (busy evaluating or saving); ``watching(what)`` bounds the time of the collectives inside
-    it; ``abort(code)`` ends every rank."""
+    Python object from rank 0 to all; ``wait_for_root`` is a barrier that the other ranks wait
+    at without a deadline while rank 0 evaluates and saves; ``watching(what)`` bounds the time
+    of the collectives inside it; ``abort(code)`` ends this rank, and so the job."""
 
     name = "none"
     rank, size, local_rank = 0, 1, 0
