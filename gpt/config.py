@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 from tinytensor.backend import BACKENDS
+from tinytensor.distributed import COMMUNICATORS
 from tinytensor.optim import COMPUTE_DTYPES
 
 from .model import MODELS, GPTConfig, ModelOptions
@@ -24,6 +25,7 @@ from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
 
 OPTIMIZERS = ("adamw", "muon")  # built by gpt.optimizers.build_optimizer
 LR_SCHEDULES = ("cosine", "wsd")  # gpt.trainer.Trainer.lr_at
+DIST_CHOICES = ("auto",) + tuple(COMMUNICATORS)  # resolved by gpt.distributed.resolve_dist
 
 class UsageError(ValueError):
     """The options (or a checkpoint's settings with them) cannot make a run: exit 2."""
@@ -99,6 +101,13 @@ class TrainConfig(ModelOptions):
     overwrite: bool = _opt(False, "start a new run in an --out-dir that holds another run's checkpoints, "
                                   "deleting them", resume="local")
     progress: bool = _opt(True, "a progress bar on a terminal (plain log lines otherwise)", resume="local")
+    # data-parallel (gpt/distributed.py): this invocation's, never the checkpoint's (any number of ranks resumes)
+    dist: str = _opt("auto", "data-parallel transport under mpiexec: mpi (NumPy, or CuPy staged through the host), "
+                             "nccl (CuPy, GPU to GPU), none (one process); auto: nccl on cupy, mpi on numpy when "
+                             "mpiexec started several processes, else none. --batch-size is per rank",
+                     resume="local", choices=DIST_CHOICES)
+    dist_timeout: float = _opt(600.0, "seconds a rank waits for the others in a step's all-reduce (or a start-up "
+                                      "broadcast) before it stops every rank (a rank died or hangs)", resume="local")
 
     def validate(self):
         """Raise ValueError with one clear message for the first bad value."""
@@ -144,6 +153,10 @@ class TrainConfig(ModelOptions):
         if self.vocab_size is not None and not MIN_BPE_VOCAB <= self.vocab_size <= MAX_VOCAB:
             raise ValueError(f"--vocab-size must be in [{MIN_BPE_VOCAB}, {MAX_VOCAB}] for byte-level BPE, "
                              f"got {self.vocab_size}")
+        if not 0 < self.dist_timeout <= 86400:
+            raise ValueError(f"--dist-timeout must be in (0, 86400] seconds, got {self.dist_timeout}")
+        if self.dist == "nccl" and self.backend != "cupy":
+            raise ValueError("--dist nccl reduces GPU arrays: it needs --backend cupy (or use --dist mpi)")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it: choose one")
         return self

@@ -18,12 +18,13 @@ import tinytensor as tt
 from . import config as C
 from .checkpoint import CheckpointError
 from .data import DataError
+from .distributed import connect_ranks, fail
 from .resources import ResourceError
 from .rundir import RunDir, RunDirError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 from .config import UsageError
-from .trainer import Trainer, TrainingError, check_resumable, resume_config
+from .trainer import LossNotFiniteError, Trainer, TrainingError, check_resumable, resume_config
 
 EXIT_USAGE = 2
 
@@ -32,9 +33,12 @@ EXIT_USAGE = 2
 def main(argv=None) -> int:
     cfg, overrides = C.from_args(argv, description="Train a GPT on Tiny Shakespeare or your own text, with tinytensor.")
     tt.backend.keep_freed_memory()  # this process trains: keep NumPy's temporaries mapped (see backend)
-    stop = StopRequest()
+    stop, comm = StopRequest(), None
     try:
         with stop.installed():
+            comm = connect_ranks(cfg)  # one process unless mpiexec started several (gpt/distributed.py)
+            if not comm.is_root:  # rank 0 resolves the run and owns the out-dir; the others follow it
+                return Trainer(*comm.bcast_object(None), comm=comm).run(stop)
             run = RunDir(cfg.out_dir)
             if cfg.resume:
                 check_resumable(run)
@@ -44,19 +48,17 @@ def main(argv=None) -> int:
                     cfg, resumed = resume_config(cfg, overrides, run)
                 else:
                     run.check_fresh(cfg.overwrite)
-                return Trainer(cfg, run, resumed).run(stop)
+                comm.bcast_object((cfg, run, resumed))
+                return Trainer(cfg, run, resumed, comm).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(comm, f"error: {exc}", EXIT_USAGE)
     except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(comm, f"error: {exc}", 1, all_ranks=isinstance(exc, LossNotFiniteError))
     except OSError as exc:  # disk full, --out-dir not writable, ...: save_checkpoint keeps the old file
-        print(f"error: {exc}; the last checkpoint written (if any) is intact", file=sys.stderr)
-        return 1
+        return fail(comm, f"error: {exc}; the last checkpoint written (if any) is intact", 1)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint written (if any) is intact; continue with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return fail(comm, "interrupted: the last checkpoint written (if any) is intact; continue with --resume",
+                    EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

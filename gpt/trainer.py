@@ -21,6 +21,7 @@ from . import config as C
 from .config import UsageError
 from .atomic import atomic_write_bytes
 from .checkpoint import CheckpointError, TrainingState, weights_are_finite
+from .distributed import DataParallel, QuietLog
 from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
 from .resources import check_fits
@@ -33,6 +34,9 @@ from .tokenizer import TokenizerError
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says where."""
 
+
+class LossNotFiniteError(TrainingError):
+    """The step's loss is NaN/Inf: on several ranks the loss is all-reduced, so every rank sees it."""
 
 
 # -- configuration: the command line, and on --resume the checkpoint ----------------------------------------
@@ -90,16 +94,19 @@ def training_bytes(model_config: GPTConfig, cfg: C.TrainConfig) -> int:
 # -- the trainer ------------------------------------------------------------------------------------------------
 class Trainer:
     """Builds the data, model and optimizer from a resolved config (restoring a checkpoint's
-    ``resumed`` state when given) and runs the loop. Messages go to stderr."""
+    ``resumed`` state when given) and runs the loop. Messages go to stderr. With ``comm`` (several
+    ranks, gpt/distributed.py) only rank 0 reads the checkpoint, reports and writes."""
 
-    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None):
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None, comm=None):
         self.cfg, self.run_dir = cfg, run
-        self.runlog = RunLog(cfg)  # messages only, until run() opens the metrics
+        self.parallel = DataParallel(comm)
+        self.runlog = RunLog(cfg) if self.parallel.is_root else QuietLog()  # messages until run() opens metrics
         self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         compute_dtype = tt.optim.resolve_dtype(cfg.dtype, cfg.backend)  # (bfloat16: ml_dtypes' hint)
         tt.manual_seed(cfg.seed)
-        self.data = self._dataset(resumed)
+        with self.parallel.root_first():  # rank 0 prepares the dataset, the others find it prepared
+            self.data = self._dataset(resumed)
         meta = self.data.meta
         self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
         self.model_config = cfg.model_config(self.data.vocab_size)
@@ -114,8 +121,9 @@ class Trainer:
         self.mixed = None if cfg.dtype == "float32" else tt.optim.MixedPrecision(self.model, compute_dtype)
         self.compute_model = self.model if self.mixed is None else self.mixed.model
         self.batch_rng = np.random.default_rng(cfg.seed)
-        if resumed is not None:
+        if resumed is not None and self.parallel.is_root:
             self._restore(resumed)
+        self.parallel.start(self)  # the other ranks take rank 0's weights, optimizer state, step and RNGs
 
     def _dataset(self, resumed):
         cfg, data = self.cfg, None
@@ -174,7 +182,9 @@ class Trainer:
         self.log(f"resumed from {self.run_dir.ckpt} at step {self.step}")
 
     def save(self, path=None):
-        """Write a checkpoint; never one with non-finite weights (it would replace a good one)."""
+        """Write a checkpoint; never one with non-finite weights (it would replace a good one). Rank 0 only."""
+        if not self.parallel.is_root:
+            return
         finite, bad = weights_are_finite(self.model)
         if not finite:
             raise TrainingError(f"{bad} holds NaN/Inf at step {self.step}; not saving it. The last "
@@ -233,12 +243,16 @@ class Trainer:
         cfg = self.cfg
         lr = self.lr_at(self.step)
         lrs = [self.lr_at(self.step, peak) for peak in self.peak_lrs]
-        # all micro-batches drawn at once: grad_accum N is exactly an N-times batch
-        x, y = get_batch(self.data.train, cfg.batch_size * cfg.grad_accum, cfg.block_size, self.batch_rng)
-        loss = train_step(self.model, self.optimizer, x, y, lrs, cfg.grad_accum, cfg.grad_clip, self.mixed)
+        # all micro-batches (of all ranks) drawn at once: grad_accum N is exactly an N-times batch,
+        # and so are N ranks; each rank trains on its share
+        x, y = get_batch(self.data.train, self.parallel.global_batch_size(cfg.batch_size) * cfg.grad_accum,
+                         cfg.block_size, self.batch_rng)
+        x, y = self.parallel.local_batch(x, y, cfg.grad_accum)
+        loss = train_step(self.model, self.optimizer, x, y, lrs, cfg.grad_accum, cfg.grad_clip, self.mixed,
+                          self.parallel.grad_sync())
         if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
-                                f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
+            raise LossNotFiniteError(f"loss is {loss} at step {self.step}; stopping. The last good checkpoint "
+                                     f"({self.run_dir.ckpt}) is untouched. Try a lower --learning-rate or --grad-clip.")
         self.step += 1
         return loss, lr
 
@@ -247,15 +261,19 @@ class Trainer:
         cfg = self.cfg
         dtype = "" if self.mixed is None else f", dtype {cfg.dtype}"
         self.log(f"{cfg.model}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
-                 f"backend {cfg.backend}{dtype}, dataset {self.data.name}, {cfg.max_iters} steps")
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+                 f"backend {cfg.backend}{dtype}{self.parallel.describe()}, dataset {self.data.name}, "
+                 f"{cfg.max_iters} steps")
+        tokens_per_step = self.parallel.global_batch_size(cfg.batch_size) * cfg.grad_accum * cfg.block_size
         evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
         self.runlog.open(self.run_dir, self.step, resumed=cfg.resume)
         stop.deferred = True  # from here a signal finishes the step and saves
+        self.parallel.stop = stop
         try:
             while True:
                 if self.step != evaluated_at and (self.step % cfg.eval_interval == 0 or self.step >= cfg.max_iters):
-                    self._eval_and_save()
+                    if self.parallel.is_root:
+                        self._eval_and_save()
+                    self.parallel.wait_for_root()
                     evaluated_at = self.step
                 if self.step >= cfg.max_iters:
                     break
@@ -265,11 +283,12 @@ class Trainer:
                 self.elapsed += dt
                 self.runlog.step({"kind": "train", "step": self.step, "loss": loss, "lr": lr, "ms": dt * 1e3,
                                   "tok_per_s": tokens_per_step / dt, "elapsed_s": round(self.elapsed, 3)})
-                if stop.requested:
+                if self.parallel.stop_requested(stop):
                     self.runlog.flush()
                     self.save()
                     self.runlog.close_bar()
-                    self.log(f"interrupted ({stop.signame}): checkpoint saved at step {self.step} to "
+                    signame = stop.signame or "a signal to another rank"
+                    self.log(f"interrupted ({signame}): checkpoint saved at step {self.step} to "
                              f"{self.run_dir.ckpt}; continue with --resume")
                     return EXIT_INTERRUPTED
         finally:
@@ -332,7 +351,7 @@ def _png_bytes(fig) -> bytes:
 
 
 def train_step(model, optimizer, x, y, lr, grad_accum: int = 1, grad_clip: float = 0.0,
-               mixed: tt.optim.MixedPrecision | None = None) -> float:
+               mixed: tt.optim.MixedPrecision | None = None, grad_sync=None) -> float:
     """One optimizer step on the batch (x, y), split into ``grad_accum`` micro-batches whose
     gradients add up to the whole batch's; returns the mean loss. ``lr``: one learning rate for
     every parameter group, or a list of one per group. The optimizer is not stepped when the
@@ -342,6 +361,9 @@ def train_step(model, optimizer, x, y, lr, grad_accum: int = 1, grad_clip: float
     run on ``mixed.model`` from a gradient seeded with the loss scale; the gradients are
     unscaled into the masters in float32, and a step whose gradients hold Inf/NaN is skipped
     (the weights unchanged) while the scaler halves its scale.
+
+    ``grad_sync(params, loss_total) -> loss_total`` (data-parallel, gpt/distributed.py) averages
+    the float32 gradients and the loss over the ranks before the step uses them.
 
     >>> loss = train_step(model, opt, x, y, lr=1e-3, grad_clip=1.0)   # doctest: +SKIP
     """
@@ -368,11 +390,14 @@ def train_step(model, optimizer, x, y, lr, grad_accum: int = 1, grad_clip: float
         # every read waits for all queued work, so one per step, not one per micro-batch
         part = loss.data.astype(np.float64)
         total = part if total is None else total + part
+    if mixed is not None:
+        mixed.unscale_grads()
+    if grad_sync is not None:
+        total = grad_sync(model.parameters(), total)
     loss = float(total) / grad_accum
     if not math.isfinite(loss):
         return loss
     if mixed is not None:
-        mixed.unscale_grads()
         # the one read back besides the loss, clipping or not: Inf/NaN when any gradient is
         norm = tt.nn.utils.global_grad_norm(model.parameters())
         mixed.scaler.update(math.isfinite(norm))

@@ -275,6 +275,9 @@ class ndarray:
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray(self._a.T))
     device = property(lambda self: cuda.Device(0))
+    # CuPy's MemoryPointer: ``.ptr`` is the address of the first element (here in host memory,
+    # which is what lets the NCCL stand-in, tests/nccl_standin.py, read the buffer it is given)
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data))
 
     def __len__(self):
         return len(self._a)
@@ -499,6 +502,8 @@ cuda = types.SimpleNamespace(
     compiler=types.SimpleNamespace(CompileException=CompileException),
     curand=types.SimpleNamespace(**_CURAND),
     get_device_id=lambda: 0,
+    # the null stream (ptr 0): every operation here completes at once
+    get_current_stream=lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: _sync("Stream.synchronize()")),
     is_available=lambda: True,
 )
 
@@ -545,6 +550,8 @@ def install() -> None:
     """``import cupy`` / ``import cupyx`` give the stand-in from now on (tinytensor's one import point
     is ``tinytensor.backend._import_cupy``, which then caches it)."""
     sys.modules["cupy"], sys.modules["cupyx"] = cupy, cupyx
+    import nccl_standin  # cupy.cuda.nccl: imported only by data-parallel runs, and then needs mpi4py
+    sys.modules["cupy.cuda.nccl"] = cuda.nccl = nccl_standin
 
 
 def installed() -> bool:
