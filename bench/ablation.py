@@ -45,6 +45,8 @@ VARIANTS = {
 # (Newton-Schulz on every matrix, ~2.4 GFLOP at 4x128) is spread over more tokens
 VARIANTS["combo_1000"] = VARIANTS["combo"] + ["--max-iters", "1000", "--warmup-iters", "50"]
 VARIANTS["combo_b24_600"] = VARIANTS["combo"] + ["--batch-size", "24", "--max-iters", "600", "--warmup-iters", "50"]
+VARIANTS["combo_b24_800"] = VARIANTS["combo"] + ["--batch-size", "24", "--max-iters", "800", "--warmup-iters", "50"]
+VARIANTS["combo_b32_600"] = VARIANTS["combo"] + ["--batch-size", "32", "--max-iters", "600", "--warmup-iters", "50"]
 
 
 def run_one(name, flags, seed, args):
