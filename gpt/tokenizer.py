@@ -343,6 +343,9 @@ def tokenizer_from_json(s: str):
                        for m in merges):
                 raise TokenizerError("bpe 'merges' must be a list of [int, int] pairs")
             return BPETokenizer(merges)
+        if kind == "gpt2":
+            from .gpt2_tokenizer import GPT2Tokenizer  # (it builds on this module)
+            return GPT2Tokenizer.from_dict(data)
     except (KeyError, TypeError) as e:
         raise TokenizerError(f"malformed {kind!r} tokenizer JSON: {e}") from None
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(TOKENIZERS)})")
