@@ -161,6 +161,12 @@ def _read_exactly(f, n: int, path, what: str) -> bytes:
 
 def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
     """(metadata, specs, byte offset of the data section), reading only the header."""
+    header_meta, specs, base = _read_raw_header(f, size, path)
+    return parse_metadata(header_meta, path), specs, base
+
+
+def _read_raw_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
+    """(the header's __metadata__, specs, byte offset of the data section) of any safetensors file."""
     if size < 8:
         raise corrupt(path, f"it is {size} bytes long, too short to hold a header")
     n = int.from_bytes(_read_exactly(f, 8, path, "the header length"), "little")
@@ -169,7 +175,7 @@ def _read_header(f, size: int, path) -> tuple[dict, dict[str, TensorSpec], int]:
     if n > size - 8:
         raise corrupt(path, f"its header claims {n} bytes but only {size - 8} follow")
     header_meta, specs = parse_header(_read_exactly(f, n, path, "the header"), size - 8 - n, path)
-    return parse_metadata(header_meta, path), specs, 8 + n
+    return header_meta, specs, 8 + n
 
 
 def _read_tensor(f, spec: TensorSpec, base: int, name: str, path) -> np.ndarray:
@@ -200,6 +206,16 @@ def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict
     except ResourceError as exc:
         raise CheckpointError(str(exc)) from None
     return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
+
+
+def read_safetensors(path: Union[str, os.PathLike], choose) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the header's ``__metadata__``, name -> array) from any safetensors file (e.g. Hugging Face's),
+    read as boundedly as our own: ``choose(specs)`` judges the header's tensors (raising
+    CheckpointError) and returns the names to read, before any tensor is allocated."""
+    path = Path(path)
+    with _open(path) as (f, size):
+        header_meta, specs, base = _read_raw_header(f, size, path)
+        return header_meta, _read_tensors(f, specs, base, choose(specs), path)
 
 
 def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, TensorSpec]]:

@@ -39,12 +39,13 @@ SEPARATOR = "---------------\n"
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m gpt.sample", allow_abbrev=False,
-        description="Sample text from a checkpoint written by gpt.train. The text goes to stdout as it is "
+        description="Sample text from a checkpoint written by gpt.train or a Hugging Face GPT-2. The text goes to stdout as it is "
                     "made; notes and errors go to stderr.",
         epilog="exit codes: 0 done (also when the reader of stdout stops early), 1 error, 2 bad option, "
                "130 interrupted (Ctrl-C or SIGTERM)")
     p.add_argument("--checkpoint", default="out/ckpt.safetensors", metavar="PATH",
-                   help="checkpoint written by gpt.train (default: %(default)s)")
+                   help="checkpoint written by gpt.train, or a Hugging Face GPT-2 folder (config.json, "
+                        "model.safetensors, vocab.json + merges.txt) or its model.safetensors (default: %(default)s)")
     p.add_argument("--backend", default="numpy", choices=BACKENDS,
                    help="array library: %(choices)s (default: %(default)s)")
     src = p.add_mutually_exclusive_group()
@@ -138,7 +139,8 @@ def generate(args, out) -> None:
     if len(ids) > block:
         _note(f"note: the prompt has {len(ids)} tokens; only its last {block} (block_size) are used")
         ids = ids[-block:]
-    _note(f"loaded {args.checkpoint} (step {meta.get('step')}, {args.backend})")
+    what = "Hugging Face GPT-2" if meta.get("source") == "huggingface" else f"step {meta.get('step')}"
+    _note(f"loaded {args.checkpoint} ({what}, {args.backend})")
     for i in range(args.num_samples):
         decoder = tokenizer.stream_decoder()
         out.write(prompt)
