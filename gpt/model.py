@@ -353,10 +353,14 @@ class GPT(nn.Module):
         x = tr.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        # the LM head: tied to the token embedding (GPT-2) or its own matrix, (B, T, vocab)
-        logits = F.linear(x, tr.wte.weight if self.config.tie_head else self.lm_head.weight)
+        logits = self.head(x)  # (B, T, vocab)
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss
+
+    def head(self, x):
+        """The LM head: tied to the token embedding (GPT-2) or its own matrix. A method of its own
+        so that gpt.quantize can put an int8 one in its place for sampling (an instance attribute)."""
+        return F.linear(x, self.transformer.wte.weight if self.config.tie_head else self.lm_head.weight)
 
     def new_cache(self, batch: int) -> KVCache:
         w = self.transformer.wte.weight
