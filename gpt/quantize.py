@@ -128,9 +128,11 @@ class Int8Embedding(nn.Module):
     def forward(self, idx):
         idx = idx.data if isinstance(idx, tt.Tensor) else idx
         xp = tt.backend.xp_of(self.q)
+        # checked where the ids are (on the host when they come from there: no read back from a GPU)
+        lo, hi = int(idx.min(initial=0)), int(idx.max(initial=0))
+        if lo < 0 or hi >= self.q.shape[0]:
+            raise ValueError(f"token ids must be in [0, {self.q.shape[0]}), got {lo}..{hi}")
         ids = xp.asarray(idx)
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.q.shape[0]):
-            raise ValueError(f"token ids must be in [0, {self.q.shape[0]}), got {int(ids.min())}..{int(ids.max())}")
         return tt.Tensor(self.q[ids].astype(np.float32) * self.scale[ids][..., None])
 
 

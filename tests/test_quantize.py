@@ -72,6 +72,16 @@ def test_a_quantized_gpt_is_close_to_its_float_self(path, tie_head):
     assert out.shape == (1, 10)
 
 
+def test_int8_on_each_backend_decodes_the_same(backend_name):
+    config = GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tt.manual_seed(0)
+    ref = Q.quantize_int8(GPT(config))
+    tt.manual_seed(0)
+    model = Q.quantize_int8(GPT(config).to(backend_name))
+    prompt = np.array([[1, 2, 3]])
+    assert model.generate(prompt, 5, temperature=0).tolist() == ref.generate(prompt, 5, temperature=0).tolist()
+
+
 def test_sample_cli_quantize_int8(tmp_path, monkeypatch, capsys):
     import gpt.data
     monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", tmp_path / "data")
