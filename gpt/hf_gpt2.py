@@ -217,8 +217,13 @@ def open_hf_gpt2(path):
         other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.index.json")]
         hint = (f" (found {', '.join(other[:3])}: pickle and sharded files are not read; save the model with "
                 "save_pretrained(..., safe_serialization=True) as one file)") if other else ""
-        raise CheckpointError(f"{folder} is neither a checkpoint written by gpt.train nor a Hugging Face GPT-2 "
-                              f"folder: it has no {WEIGHTS_FILE}{hint}")
+        raise CheckpointError(f"{folder} is a directory but not a Hugging Face GPT-2 folder: it has no "
+                              f"{WEIGHTS_FILE}{hint}. Pass a checkpoint file (e.g. {folder / 'ckpt.safetensors'}) "
+                              "or a GPT-2 folder")
+    if not path.is_dir() and not (folder / "config.json").is_file():
+        raise CheckpointError(f"{path} is a safetensors file but was not written by gpt.train, and no config.json "
+                              "is beside it (as in a Hugging Face GPT-2 folder); pass a checkpoint of gpt.train or "
+                              "a GPT-2 folder")
     config = config_from_hf(_read_config(folder / "config.json"), folder / "config.json")
     try:
         tokenizer = GPT2Tokenizer.from_folder(folder)
