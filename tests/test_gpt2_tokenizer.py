@@ -71,10 +71,10 @@ def corpus(rng) -> list[str]:
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" * 30,
         "abababababab" * 200 + "ababababa",
     ]
-    texts += [random_unicode(rng, int(rng.integers(1, 600))) for _ in range(150)]
+    texts += [random_unicode(rng, int(rng.integers(1, 600))) for _ in range(60)]
     # random mixes of the pieces above: boundaries in new places
     pieces = " ".join(texts[1:20]).split(" ")
-    texts += [" ".join(rng.choice(pieces, int(rng.integers(1, 60)))) for _ in range(150)]
+    texts += [" ".join(rng.choice(pieces, int(rng.integers(1, 60)))) for _ in range(60)]
     return texts
 
 
