@@ -53,8 +53,8 @@ class TrainConfig(ModelOptions):
     data_dir: Optional[str] = _opt(None, "where prepared datasets are cached (default: $GPT_DATA_DIR, else data/ "
                                          "in a clone, else a per-user cache folder)", resume="local",
                                    metavar="DIR")
-    tokenizer: str = _opt("char", "char: one token per character; bpe: byte-level BPE trained on the text; gpt2: GPT-2's "
-                                   "(with --init-from a GPT-2 model, which sets it)",
+    tokenizer: str = _opt("char", "char: one token per character; bpe: byte-level BPE trained on the text; "
+                                  "gpt2: GPT-2's (with --init-from a GPT-2 model, which sets it)",
                           resume="keep", choices=TOKENIZERS)
     vocab_size: Optional[int] = _opt(None, "BPE vocabulary size, 256..65536 (default 512; char ignores it)",
                                      resume="keep")

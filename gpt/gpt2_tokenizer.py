@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import strict_json
-from .tokenizer import FORMAT_VERSION, MAX_TOKEN_BYTES, MAX_VOCAB, BPETokenizer, TokenizerError, _merge, _utf8
+from .tokenizer import FORMAT_VERSION, MAX_VOCAB, BPETokenizer, TokenizerError, _merge, _utf8
 
 __all__ = ["GPT2Tokenizer", "GPT2_SPLIT_PATTERN", "bytes_to_unicode", "find_vocab_files"]
 

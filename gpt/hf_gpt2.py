@@ -251,8 +251,9 @@ def check_exportable(model_type: str, config: GPTConfig) -> None:
     if model_type != "gpt":
         raise ExportError(f"the model is a {model_type!r}; only a GPT can be written as GPT-2")
     defaults = GPTConfig()
-    differ = [f"--{name.replace('_', '-')} {getattr(config, name)}"
-              for name in ("pos", "norm", "norm_gain", "mlp", "qk_norm") if getattr(config, name) != getattr(defaults, name)]
+    differ = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("pos", "norm", "norm_gain", "mlp",
+                                                                                 "qk_norm")
+              if getattr(config, name) != getattr(defaults, name)]
     if differ:
         raise ExportError(f"the model uses {', '.join(differ)}, which GPT-2 lacks; only models trained with the "
                           "default architecture options (learned positions, layernorm with gain, gelu MLP, no "

@@ -40,8 +40,8 @@ SEPARATOR = "---------------\n"
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m gpt.sample", allow_abbrev=False,
-        description="Sample text from a checkpoint written by gpt.train or a Hugging Face GPT-2. The text goes to stdout as it is "
-                    "made; notes and errors go to stderr.",
+        description="Sample text from a checkpoint written by gpt.train or a Hugging Face GPT-2. The text goes to "
+                    "stdout as it is made; notes and errors go to stderr.",
         epilog="exit codes: 0 done (also when the reader of stdout stops early), 1 error, 2 bad option, "
                "130 interrupted (Ctrl-C or SIGTERM)")
     p.add_argument("--checkpoint", default="out/ckpt.safetensors", metavar="PATH",
