@@ -245,6 +245,16 @@ def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict
     return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
 
 
+def read_safetensors(path: Source, choose) -> tuple[dict, dict[str, np.ndarray]]:
+    """(the header's ``__metadata__``, name -> array) from any safetensors file (e.g. Hugging Face's),
+    read as boundedly as our own: ``choose(specs)`` judges the header's tensors (raising
+    CheckpointError) and returns the names to read, before any tensor is allocated."""
+    path = _source(path)
+    with _open(path) as (f, size):
+        header_meta, specs, base = _read_safetensors_header(f, size, path)
+        return header_meta, _read_tensors(f, specs, base, choose(specs), path)
+
+
 def read_checkpoint_metadata(path: Source) -> tuple[dict, dict[str, TensorSpec]]:
     """``(metadata, name -> TensorSpec)`` from the header alone; no tensor data is read.
 

@@ -16,7 +16,7 @@ import numpy as np
 import tinytensor as tt
 import tinytensor.functional as F
 
-from .checkpoint import CheckpointError, read_model_weights, weights_are_finite
+from .checkpoint import CheckpointError  # noqa: F401  (load_model raises it)
 
 
 def _is_number(x) -> bool:
@@ -170,8 +170,9 @@ class KVCache:
 
 
 def load_model(path, backend: str = "numpy"):
-    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``, for inference.
-    ``path`` may also be a ``gpt.checkpoint.InMemoryCheckpoint`` (an upload's bytes).
+    """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train`` or a Hugging Face
+    GPT-2 folder or file (gpt.pretrained), for inference. ``path`` may also be a
+    ``gpt.checkpoint.InMemoryCheckpoint`` (an upload's bytes).
 
     >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
 
@@ -179,16 +180,7 @@ def load_model(path, backend: str = "numpy"):
     file); then only the model's weights are read (never the optimizer's moments),
     and they must all be finite.
     """
-    from .model import MODELS
+    from .pretrained import open_pretrained
 
-    model_type, config, tokenizer, weights, meta = read_model_weights(path)
-    ok, bad = weights_are_finite(weights)
-    if not ok:
-        raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be "
-                              "sampled from. Use ckpt_best.safetensors or an earlier checkpoint")
-    model = MODELS[model_type](config)
-    try:
-        model.load_state_dict(weights)
-    except (KeyError, ValueError) as exc:  # unreachable after the checks above, but never a traceback
-        raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
-    return model.to(backend), tokenizer, meta
+    src = open_pretrained(path)
+    return src.build(backend), src.tokenizer, src.meta

