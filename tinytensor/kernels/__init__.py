@@ -1,0 +1,85 @@
+"""Fused CPU kernels under the primitives, and the one switch that picks them.
+
+The primitives in ``tinytensor.ops`` and ``tinytensor.optim`` ask ``for_arrays(*arrays)``:
+it returns the kernel module (``tinytensor.kernels.cpu``, Numba) when every array is a
+float32 C-contiguous NumPy array and the kernels are on, else None and the primitive runs
+its NumPy code, which stays the reference (float64, other dtypes, CuPy arrays, numba
+missing or switched off all take it, with the same results up to float32 rounding).
+
+Switch: ``TINYTENSOR_KERNELS=0`` in the environment turns the kernels off (read once, on
+first use). Numba is imported on first use, not with ``tinytensor``: ``import tinytensor``
+stays light, and a process that never computes on float32 NumPy arrays never loads it.
+Compiled kernels are cached by Numba in ``__pycache__`` beside ``cpu.py`` (or in
+``NUMBA_CACHE_DIR``): the first process after an install or a change compiles them
+(a few seconds, see bench/RESULTS.md), later ones load them.
+
+>>> import numpy as np
+>>> k = for_arrays(np.zeros((2, 3), np.float32))  # the kernel module, or None without numba
+>>> for_arrays(np.zeros((2, 3), np.float64)) is None
+True
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ENV = "TINYTENSOR_KERNELS"
+
+_state = {"module": None, "reason": None}  # the loaded module, or why there is none
+
+
+def _load():
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        _state["reason"] = f"off ({ENV}={os.environ[ENV]})"
+        return
+    try:
+        from . import cpu
+    except ImportError as exc:  # numba missing, or a numba that does not fit this NumPy
+        _state["reason"] = f"unavailable ({exc}); pip install numba for the fused kernels"
+        return
+    _state["module"] = cpu
+    _configure_threads()
+
+
+def _configure_threads():
+    """Numba's threading layer: set where the user has not chosen one (NUMBA_THREADING_LAYER).
+    See bench/RESULTS.md for the measurements behind the choice."""
+    import numba
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+def module():
+    """The kernel module, or None (``reason()`` says why)."""
+    if _state["module"] is None and _state["reason"] is None:
+        _load()
+    return _state["module"]
+
+
+def reason() -> str | None:
+    module()
+    return _state["reason"]
+
+
+def for_arrays(*arrays):
+    """The kernel module when every array is a float32 C-contiguous NumPy array and the kernels
+    are on; None otherwise (the caller then takes its NumPy path)."""
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype != np.float32 or not a.flags.c_contiguous:
+            return None
+    return module()
+
+
+def describe() -> str:
+    """One line for benchmarks and logs: the kernel library in use and its threads."""
+    k = module()
+    if k is None:
+        return f"kernels: NumPy only, {_state['reason']}"
+    import numba
+    layer = numba.config.THREADING_LAYER
+    try:
+        layer = numba.threading_layer()  # known only once a parallel kernel has run
+    except ValueError:
+        pass
+    return f"kernels: numba {numba.__version__} ({numba.get_num_threads()} threads, threading layer {layer})"
