@@ -20,13 +20,14 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
 ENV = "TINYTENSOR_KERNELS"
 
-_state = {"module": None, "reason": None}  # the loaded module, or why there is none
+_state = {"module": None, "reason": None, "off": 0}  # the loaded module, or why there is none
 
 
 def _load():
@@ -65,10 +66,23 @@ def reason() -> str | None:
 def for_arrays(*arrays):
     """The kernel module when every array is a float32 C-contiguous NumPy array and the kernels
     are on; None otherwise (the caller then takes its NumPy path)."""
+    if _state["off"]:
+        return None
     for a in arrays:
         if type(a) is not np.ndarray or a.dtype != np.float32 or not a.flags.c_contiguous:
             return None
     return module()
+
+
+@contextlib.contextmanager
+def numpy_only():
+    """Within it the primitives take their NumPy path (the reference): for tests and benchmarks
+    that compare the two in one process. A backward follows the path its forward took."""
+    _state["off"] += 1
+    try:
+        yield
+    finally:
+        _state["off"] -= 1
 
 
 def describe() -> str:
