@@ -19,6 +19,15 @@ from tinytensor import kernels
 
 pytest.importorskip("numba", reason="numba is not installed: the NumPy path is the only one")
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, params=["serial", "parallel"])
+def variant(request, monkeypatch):
+    """Every test runs on both copies of each kernel: the one on the calling thread (small
+    arrays) and the one split over the cores (here forced for any size)."""
+    if request.param == "parallel":
+        monkeypatch.setattr(kernels.module(), "PARALLEL_MIN", 0)
+    return request.param
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 rounding, as tests/test_torch_parity.py
 
 

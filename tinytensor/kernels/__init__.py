@@ -97,3 +97,16 @@ def describe() -> str:
     except ValueError:
         pass
     return f"kernels: numba {numba.__version__} ({numba.get_num_threads()} threads, threading layer {layer})"
+
+
+def warm_up() -> float:
+    """Load (or compile, the first time after an install) every kernel now, so that the first
+    training step or decoded token is not the one that pays; returns the seconds it took
+    (0.0 without kernels). Programs call it at start-up."""
+    import time
+    k = module()
+    if k is None:
+        return 0.0
+    start = time.perf_counter()
+    k.warm_up()
+    return time.perf_counter() - start

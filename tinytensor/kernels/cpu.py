@@ -19,6 +19,8 @@ Numerical choices:
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
@@ -28,6 +30,31 @@ _parallel = dict(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=Tr
 _serial = dict(parallel=False, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 N_PARTS = 16  # partial sums for column reductions (see the module docstring)
+# Below this many elements a kernel runs on the calling thread: starting the worker threads
+# costs 10-80 us a call here (more on a loaded machine), more than the work of one decoded
+# token's LayerNorm or GELU (a few hundred to a few thousand elements).
+PARALLEL_MIN = 1 << 15
+
+
+class _Kernel:
+    """One kernel compiled twice: parallel over the cores (``prange``) for big arrays, serial
+    (the same loop on the calling thread) below PARALLEL_MIN elements of its first argument.
+    The serial copy gets its own name: Numba's on-disk cache tells functions apart by name and
+    source, not by the parallel flag."""
+
+    def __init__(self, fn):
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                    fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.parallel, self.serial = njit(**_parallel)(fn), njit(**_serial)(serial)
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+
+    def __call__(self, first, *args):
+        return (self.parallel if first.size >= PARALLEL_MIN else self.serial)(first, *args)
+
+
+def kernel(fn):
+    return _Kernel(fn)
 
 _f = np.float32
 _LOG2E = _f(1.4426950408889634)
@@ -94,7 +121,7 @@ def _tanh(x):
 
 # ---- GELU (tanh approximation): y = x * sigmoid(2u) = x (1 + tanh u) / 2, u = c (x + a x^3)
 
-@njit(**_parallel)
+@kernel
 def gelu_forward(x, y):
     """y = gelu(x), elementwise over flat arrays."""
     for i in prange(x.size):
@@ -103,7 +130,7 @@ def gelu_forward(x, y):
         y[i] = v * s
 
 
-@njit(**_parallel)
+@kernel
 def gelu_backward(x, g, gx):
     """gx = g * gelu'(x) = g * (s + x s (1 - s) 2u'), s = sigmoid(2u), recomputed from x."""
     for i in prange(x.size):
@@ -115,7 +142,7 @@ def gelu_backward(x, g, gx):
 
 # ---- LayerNorm over the last axis of (N, C) rows: keeps x, mean and rstd for backward
 
-@njit(**_parallel)
+@kernel
 def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
     """y = (x - mean) * rstd * weight + bias per row; mean, rstd (N,) written for backward."""
     n, c = x.shape
@@ -135,7 +162,7 @@ def layer_norm_forward(x, weight, bias, eps, y, mean, rstd):
             y[i, j] = (x[i, j] - mu) * r * weight[j] + bias[j]
 
 
-@njit(**_parallel)
+@kernel
 def layer_norm_backward(x, mean, rstd, weight, g, gx, gw_parts, gb_parts):
     """gx for (N, C) rows; per-part sums of g * xhat and g into gw_parts, gb_parts (N_PARTS, C)."""
     n, c = x.shape
@@ -167,7 +194,7 @@ def layer_norm_backward(x, mean, rstd, weight, g, gx, gw_parts, gb_parts):
 # ---- softmax over rows, with a causal mask: row i of a (.., Tq, Tk) block sees keys
 #      0 .. i + Tk - Tq (queries are the last Tq of the Tk positions); the rest is 0
 
-@njit(**_parallel)
+@kernel
 def softmax_rows(a, t_q, causal):
     """In place: each row of a (R, Tk) (R = blocks * t_q) becomes its softmax."""
     rows, t_k = a.shape
@@ -188,7 +215,7 @@ def softmax_rows(a, t_q, causal):
             a[i, j] = _f(0.0)
 
 
-@njit(**_parallel)
+@kernel
 def softmax_backward_rows(p, g):
     """In place on g (R, Tk): g = p * (g - sum(g * p)) per row, p the softmax."""
     rows, t_k = p.shape
@@ -202,7 +229,7 @@ def softmax_backward_rows(p, g):
 
 # ---- softmax cross-entropy of (N, V) logits against (N,) integer targets
 
-@njit(**_parallel)
+@kernel
 def cross_entropy_forward(logits, targets, ignore_index, probs, nll):
     """probs = softmax(logits) per row; nll[i] = logsumexp - logit of the target (0 if ignored)."""
     n, v = logits.shape
@@ -222,7 +249,7 @@ def cross_entropy_forward(logits, targets, ignore_index, probs, nll):
         nll[i] = _f(0.0) if t == ignore_index else np.log(s) + m - logits[i, t]
 
 
-@njit(**_parallel)
+@kernel
 def cross_entropy_backward(probs, targets, ignore_index, scale):
     """In place on probs: (probs - one_hot(target)) * scale, zero rows for ignored targets."""
     n, v = probs.shape
@@ -239,7 +266,7 @@ def cross_entropy_backward(probs, targets, ignore_index, scale):
 
 # ---- AdamW on flat float32 buffers, in place (torch.optim.AdamW's update)
 
-@njit(**_parallel)
+@kernel
 def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2_sqrt):
     """p -= lr (p wd + m_hat / (sqrt(v_hat) + eps)) with m, v updated from g (decoupled decay)."""
     decay = _f(1.0) - lr * weight_decay
@@ -255,8 +282,8 @@ def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2
 
 # ---- embedding backward: out (V, C) = sum of the rows of g (N, C) whose index is n
 
-@njit(**_parallel)
-def embedding_backward(idx, g, out):
+@kernel
+def embedding_backward(g, idx, out):
     """out must be zeroed; columns are split over the cores, so no two threads add to one
     element (no atomics), and the sum over equal indices runs in token order."""
     n, c = g.shape
@@ -267,3 +294,38 @@ def embedding_backward(idx, g, out):
             row = idx[i]
             for j in range(lo, hi):
                 out[row, j] += g[i, j]
+
+
+def warm_up():
+    """Run every kernel once, both copies, on tiny arrays: loads them from Numba's cache (or
+    compiles them, the first time) now rather than inside the first training step or token."""
+    f, i64 = np.float32, np.int64
+    x, w, b, g = np.ones((2, 32), f), np.ones(32, f), np.zeros(32, f), np.ones((2, 32), f)
+    m, r, out = np.empty(2, f), np.empty(2, f), np.empty((2, 32), f)
+    parts = np.empty((N_PARTS, 32), f)
+    t = np.zeros(2, i64)
+    for k in _KERNELS:
+        for variant in (k.parallel, k.serial):
+            if k is gelu_forward:
+                variant(x.ravel(), out.ravel())
+            elif k is gelu_backward:
+                variant(x.ravel(), g.ravel(), out.ravel())
+            elif k is layer_norm_forward:
+                variant(x, w, b, f(1e-5), out, m, r)
+            elif k is layer_norm_backward:
+                variant(x, m, r, w, g, out, parts, parts.copy())
+            elif k is softmax_rows:
+                variant(out, 2, True)
+            elif k is softmax_backward_rows:
+                variant(x, out)
+            elif k is cross_entropy_forward:
+                variant(x, t, i64(-1), out, m)
+            elif k is cross_entropy_backward:
+                variant(out, t, i64(-1), f(0.5))
+            elif k is adamw_step:
+                variant(w.copy(), w, w.copy(), w.copy(), f(1e-3), f(0.9), f(0.99), f(1e-8), f(0.1), f(0.1), f(0.1))
+            elif k is embedding_backward:
+                variant(g, t, out)
+
+
+_KERNELS = [v for v in list(globals().values()) if isinstance(v, _Kernel)]

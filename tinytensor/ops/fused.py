@@ -301,7 +301,7 @@ def scatter_add_rows(idx, g, n_rows):
     k = kernels.for_arrays(flat_g)
     if k is not None:  # columns split over the cores, rows added in token order
         out = np.zeros((n_rows, flat_g.shape[1]), np.float32)
-        k.embedding_backward(flat_idx.astype(np.int64, copy=False), flat_g, out)
+        k.embedding_backward(flat_g, flat_idx.astype(np.int64, copy=False), out)
         return out
     if flat_idx.size * n_rows <= (1 << 24):
         # small vocabularies: a one-hot matrix product is much faster than scatter-add
