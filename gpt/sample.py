@@ -131,6 +131,8 @@ def generate(args, out) -> None:
     """Load the checkpoint and write ``args.num_samples`` samples to ``out``."""
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     model, tokenizer, meta = load_model(args.checkpoint, args.backend)
+    if args.backend == "numpy":
+        tt.kernels.warm_up()  # the CPU kernels load now, not inside the first token
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         raise ValueError("the prompt is empty; give at least one character with --prompt")

@@ -44,6 +44,8 @@ def main(argv=None) -> int:
                     cfg, resumed = resume_config(cfg, overrides, run)
                 else:
                     run.check_fresh(cfg.overwrite)
+                if cfg.backend == "numpy":
+                    tt.kernels.warm_up()  # the CPU kernels load (or compile, once) before the clock starts
                 return Trainer(cfg, run, resumed).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
