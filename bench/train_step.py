@@ -126,6 +126,8 @@ def measure_step_memory(side, preset, backend, steps):
     everything a step adds on top of the model's weights and the data."""
     import ctypes
     tt.backend.keep_freed_memory()  # as main() does: this process measures the same allocator
+    if side == "Ours":
+        tt.kernels.warm_up()  # loaded code (as torch's, loaded at import) is not memory a step adds
     cfg, batch = model_config(preset)
     s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
     data = list(batches(cfg, batch, steps))
