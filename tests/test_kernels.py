@@ -31,8 +31,9 @@ def variant(request, monkeypatch):
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 rounding, as tests/test_torch_parity.py
 
 
-def run_both(fn, *arrays, grad_seed=0):
-    """fn(*tensors) with the kernels and with NumPy only: (outputs, input grads) of each."""
+def run_both(fn, *arrays, uses, grad_seed=0):
+    """fn(*tensors) with the kernels and with NumPy only: (outputs, input grads) of each.
+    ``uses``: the kernels the first must have run."""
     results = []
     for ctx in (kernels.numpy_only, _kernels_on):
         with ctx():
@@ -42,14 +43,28 @@ def run_both(fn, *arrays, grad_seed=0):
             g = np.random.default_rng(grad_seed).standard_normal(out.shape).astype(out.dtype)
             out.backward(g)
             results.append((out.numpy(), [t.grad for t in leaves if t.requires_grad]))
+    assert set(uses) <= set(CALLED), f"kernels {set(uses) - set(CALLED)} did not run"
     return results
 
 
+CALLED = []  # the kernels that ran inside the last _kernels_on block
+
+
 class _kernels_on:
+    """The kernels on, recording which ran (a test proves its primitive took the kernel path)."""
+
     def __enter__(self):
         assert kernels.for_arrays(np.zeros(2, np.float32)) is not None, kernels.reason()
+        cls = type(kernels.module().gelu_forward)
+        self.call, CALLED[:] = cls.__call__, []
+
+        def recording(kernel, *args):
+            CALLED.append(kernel.__name__)
+            return self.call(kernel, *args)
+        cls.__call__ = recording
 
     def __exit__(self, *exc):
+        type(kernels.module().gelu_forward).__call__ = self.call
         return False
 
 
@@ -70,26 +85,26 @@ def normal(*shape, scale=1.0, seed=0):
 def test_layer_norm(affine):
     x, w, b = normal(3, 5, 48, scale=3.0), normal(48, seed=1) + 1, normal(48, seed=2)
     if affine == "weight+bias":
-        assert_same(run_both(lambda x, w, b: F.layer_norm(x, w, b), x, w, b))
+        assert_same(run_both(lambda x, w, b: F.layer_norm(x, w, b), x, w, b, uses=("layer_norm_forward", "layer_norm_backward")))
     elif affine == "weight":
-        assert_same(run_both(lambda x, w: F.layer_norm(x, w, None), x, w))
+        assert_same(run_both(lambda x, w: F.layer_norm(x, w, None), x, w, uses=("layer_norm_forward", "layer_norm_backward")))
     else:
-        assert_same(run_both(lambda x: F.layer_norm(x, None, None), x))
+        assert_same(run_both(lambda x: F.layer_norm(x, None, None), x, uses=("layer_norm_forward", "layer_norm_backward")))
 
 
 def test_layer_norm_of_a_non_contiguous_input():
     x = normal(40, 6)
-    assert_same(run_both(lambda x: F.layer_norm(x.T), x))
+    assert_same(run_both(lambda x: F.layer_norm(x.T), x, uses=("layer_norm_forward", "layer_norm_backward")))
 
 
 @pytest.mark.parametrize("scale", [1.0, 6.0])
 def test_gelu(scale):
-    assert_same(run_both(F.gelu, normal(7, 300, scale=scale)))
+    assert_same(run_both(F.gelu, normal(7, 300, scale=scale), uses=("gelu_forward", "gelu_backward")))
 
 
 def test_gelu_tails_and_nan():
     x = np.array([-1e4, -30.0, -8.0, -1e-5, 0.0, 1e-5, 8.0, 30.0, 1e4, np.nan], np.float32)
-    (ref, ref_g), (out, g) = run_both(F.gelu, x)
+    (ref, ref_g), (out, g) = run_both(F.gelu, x, uses=("gelu_forward", "gelu_backward"))
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     assert np.isnan(out[-1]) and np.isnan(g[0][-1])
 
@@ -99,7 +114,8 @@ def test_cross_entropy(ignore):
     targets = np.random.default_rng(3).integers(0, 65, 50)
     if ignore:
         targets[::4] = -1
-    assert_same(run_both(lambda x: F.cross_entropy(x, targets), normal(50, 65, scale=4.0)))
+    assert_same(run_both(lambda x: F.cross_entropy(x, targets), normal(50, 65, scale=4.0),
+                         uses=("cross_entropy_forward", "cross_entropy_backward")))
 
 
 def test_cross_entropy_with_every_target_ignored_is_nan():
@@ -110,18 +126,20 @@ def test_cross_entropy_with_every_target_ignored_is_nan():
 def test_embedding_backward():
     idx = np.random.default_rng(4).integers(0, 11, (6, 9))
     idx[0, :5] = 3  # repeated rows add up
-    assert_same(run_both(lambda w: F.embedding(idx, w), normal(11, 40)))
+    assert_same(run_both(lambda w: F.embedding(idx, w), normal(11, 40), uses=("embedding_backward",)))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_multi_head_attention(dropout):
-    assert_same(run_both(lambda qkv: F.multi_head_attention(qkv, 4, dropout_p=dropout), normal(2, 17, 96)))
+    assert_same(run_both(lambda qkv: F.multi_head_attention(qkv, 4, dropout_p=dropout), normal(2, 17, 96),
+                         uses=("softmax_rows", "softmax_backward_rows")))
 
 
 @pytest.mark.parametrize("causal, tq, tk", [(True, 5, 12), (False, 7, 12), (True, 1, 9)])
 def test_scaled_dot_product_attention(causal, tq, tk):
     q, k, v = normal(2, 3, tq, 8), normal(2, 3, tk, 8, seed=1), normal(2, 3, tk, 8, seed=2)
-    assert_same(run_both(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), q, k, v))
+    assert_same(run_both(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), q, k, v,
+                         uses=("softmax_rows", "softmax_backward_rows")))
 
 
 def test_softmax_rows_masks_exactly():
@@ -165,6 +183,7 @@ def test_adamw_steps_match_the_numpy_path():
             return [p.data.copy() for p in model.parameters()], opt.state_dict()
 
     (ref, ref_state), (ours, state) = train(kernels.numpy_only), train(_kernels_on)
+    assert "adamw_step" in CALLED
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for i, s in ref_state["state"].items():

@@ -63,13 +63,14 @@ def reason() -> str | None:
     return _state["reason"]
 
 
-def for_arrays(*arrays):
-    """The kernel module when every array is a float32 C-contiguous NumPy array and the kernels
-    are on; None otherwise (the caller then takes its NumPy path)."""
+def for_arrays(*arrays, contiguous: bool = True):
+    """The kernel module when every array is a float32 (C-contiguous, unless ``contiguous`` is
+    false: the caller makes its own contiguous arrays) NumPy array and the kernels are on; None
+    otherwise (the caller then takes its NumPy path)."""
     if _state["off"]:
         return None
     for a in arrays:
-        if type(a) is not np.ndarray or a.dtype != np.float32 or not a.flags.c_contiguous:
+        if type(a) is not np.ndarray or a.dtype != np.float32 or (contiguous and not a.flags.c_contiguous):
             return None
     return module()
 

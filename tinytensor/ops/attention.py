@@ -41,7 +41,7 @@ def attention_weights_t(qs, k, causal):
     (..., Tk, Tq). NumPy reduces over a non-last axis 2x faster than over a short
     last one (the softmax's max), and BLAS reads the transpose for free."""
     xp = xp_of(qs)
-    kern = kernels.for_arrays(qs[..., :1, :1])  # float32 NumPy (qs is a strided view of heads)
+    kern = kernels.for_arrays(qs, k, contiguous=False)  # heads are strided views; att below is not
     if kern is not None:
         # the kernel's rows are queries, (..., Tq, Tk), masked and normalised in one pass per row;
         # returned as the same transposed view, which the backward turns back (BLAS reads either)

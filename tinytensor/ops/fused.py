@@ -103,7 +103,7 @@ class LayerNorm(Function):
         x2 = x.reshape(-1, C)  # rows: split over the cores
         self.shape, self.has_weight, self.has_bias = x.shape, has_weight, has_bias
         self.weight = params[0] if has_weight else None
-        k = kernels.for_arrays(x2, *params)
+        k = kernels.for_arrays(x2, *params, contiguous=False)
         if k is not None:  # one fused pass; keeps x, mean and rstd (xhat is recomputed in backward)
             return self._forward_kernel(k, x2, params, eps).reshape(x.shape).astype(self.dtype, copy=False)
         self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), x.dtype)
@@ -130,9 +130,9 @@ class LayerNorm(Function):
         return tuple(gr.astype(self.dtype, copy=False) for gr in grads)
 
     def _forward_kernel(self, k, x2, params, eps):
-        C = x2.shape[1]
-        weight = params[0] if self.has_weight else np.ones(C, np.float32)
-        bias = params[-1] if self.has_bias else np.zeros(C, np.float32)
+        C, x2 = x2.shape[1], np.ascontiguousarray(x2)
+        weight = np.ascontiguousarray(params[0]) if self.has_weight else np.ones(C, np.float32)
+        bias = np.ascontiguousarray(params[-1]) if self.has_bias else np.zeros(C, np.float32)
         y = np.empty_like(x2)
         self.mean, self.rstd = np.empty(x2.shape[0], np.float32), np.empty(x2.shape[0], np.float32)
         k.layer_norm_forward(x2, weight, bias, np.float32(eps), y, self.mean, self.rstd)
@@ -270,8 +270,9 @@ class Gelu(Function):
     def forward(self, x):
         xp = xp_of(x)
         x = xp.asarray(x)
-        k = kernels.for_arrays(x)
+        k = kernels.for_arrays(x, contiguous=False)
         if k is not None:  # fused: keeps x only, backward recomputes sigmoid(2u)
+            x = np.ascontiguousarray(x)
             self.x, self.s, y = x, None, np.empty_like(x)
             k.gelu_forward(x.reshape(-1), y.reshape(-1))
             return y
