@@ -205,3 +205,21 @@ def test_the_environment_variable_turns_them_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["True", f"kernels: NumPy only, off ({kernels.ENV}=0)"]
+
+
+def test_threads_other_than_the_main_one_run_the_serial_copies():
+    """Numba's workqueue layer aborts on parallel kernels launched from two threads at once."""
+    import threading
+    x = normal(64, 1024)  # above PARALLEL_MIN
+    want = F.gelu(tt.tensor(x)).numpy()
+    results = [None] * 4
+
+    def work(i):
+        results[i] = F.gelu(tt.tensor(x)).numpy()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        np.testing.assert_allclose(r, want, rtol=1e-6, atol=1e-7)

@@ -44,8 +44,11 @@ def _load():
 
 
 def _configure_threads():
-    """Numba's threading layer: set where the user has not chosen one (NUMBA_THREADING_LAYER).
-    See bench/RESULTS.md for the measurements behind the choice."""
+    """Numba's threading layer, where the user has not chosen one (NUMBA_THREADING_LAYER):
+    workqueue. GNU OpenMP's threads spin at each barrier, and on a shared 2-core machine a
+    parallel region then waits for a descheduled thread: 4-5x slower in bench/RESULTS.md's
+    measurement. workqueue does not allow two threads in parallel kernels at once, so
+    ``cpu._Kernel`` runs the parallel copies from the main thread only."""
     import numba
     if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "workqueue"

@@ -19,6 +19,7 @@ Numerical choices:
 """
 from __future__ import annotations
 
+import threading
 import types
 
 import numpy as np
@@ -34,6 +35,7 @@ N_PARTS = 16  # partial sums for column reductions (see the module docstring)
 # costs 10-80 us a call here (more on a loaded machine), more than the work of one decoded
 # token's LayerNorm or GELU (a few hundred to a few thousand elements).
 PARALLEL_MIN = 1 << 15
+_MAIN = threading.main_thread()
 
 
 class _Kernel:
@@ -50,7 +52,10 @@ class _Kernel:
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
 
     def __call__(self, first, *args):
-        return (self.parallel if first.size >= PARALLEL_MIN else self.serial)(first, *args)
+        # other threads take the serial copy: Numba's workqueue layer (see kernels._configure_threads)
+        # aborts the process when two threads launch parallel kernels at the same time
+        parallel = first.size >= PARALLEL_MIN and threading.current_thread() is _MAIN
+        return (self.parallel if parallel else self.serial)(first, *args)
 
 
 def kernel(fn):
