@@ -76,6 +76,17 @@ def take_turns(sides, rounds: int, pause: float = 0.5):
             yield turn, side
 
 
+# the environment variables that change how either side uses the cores
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_NUM_THREADS",
+              "NUMBA_THREADING_LAYER", "TINYTENSOR_KERNELS", "TINYTENSOR_THREADS")
+
+
+def describe_machine(info: dict) -> str:
+    """``machine()`` as the line a benchmark prints first."""
+    env = " ".join(f"{k}={v}" for k, v in info["env"].items()) or "no thread variables set"
+    return f"{info['cpu']}, {info['cores']} cores; threads {info['threads']}; {env}; {info['kernels']}"
+
+
 def machine(torch=None) -> dict:
     """What the numbers were measured on: the CPU model, its cores, the libraries' versions
     and the threads each computes with (a comparison needs them equal)."""
@@ -90,8 +101,14 @@ def machine(torch=None) -> dict:
         blas = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
     except ImportError:
         blas = None
+    from tinytensor import kernels
+    k = kernels.module()
     info = {"cpu": cpu or "unknown", "cores": os.cpu_count(), "numpy": np.__version__,
-            "threads": {"numpy_blas": blas}}
+            "threads": {"numpy_blas": blas}, "kernels": kernels.describe(),
+            "env": {name: os.environ[name] for name in THREAD_ENV if name in os.environ}}
+    if k is not None:
+        import numba
+        info["threads"]["numba"] = numba.get_num_threads()
     if torch is not None:
         info["torch"] = torch.__version__
         info["threads"]["torch"] = torch.get_num_threads()

@@ -1,11 +1,14 @@
-"""Greedy decoding speed: KV cache vs full-context recompute vs PyTorch.
+"""Greedy decoding speed: KV cache vs full-context recompute, ours and PyTorch's.
 
     python -m bench.sample                 # shakespeare_char shape, 255 tokens after a 1-token prompt
     python -m bench.sample --quick         # CI: tiny model, a few tokens
 
-Within the 256-token window. PyTorch runs nanoGPT's `generate` (the whole
-cropped context per token), eager, greedy. Both models get the same weights, so
-their greedy outputs should match too (up to float32 ties).
+Within the 256-token window. Four decoders on the same weights: ours with the KV cache
+(``GPT.generate``) and without it, and the PyTorch reference (bench/torch_gpt.py, eager)
+with its KV cache (what a PyTorch user decodes with, as transformers' ``generate``) and
+without it (nanoGPT's ``generate``). Greedy outputs should match (up to float32 ties).
+Cold: each decoder's first call in this process (after the start-up warm-up that
+``gpt.sample`` also does); warm: the median of the repeats, run in turns.
 """
 from __future__ import annotations
 
@@ -14,19 +17,24 @@ import time
 import numpy as np
 
 import tinytensor as tt
-from bench.common import finish, import_torch, machine, model_config, parser, take_turns
+from bench.common import describe_machine, finish, import_torch, machine, model_config, parser, take_turns
 from gpt.model import GPT
 
 
 def tokens_per_s(fns, n_tokens, repeats, pause=0.5):
-    """Median tokens/s of each fn, run in turns (``take_turns``) `repeats` times (the machine
-    is noisy), and each fn's output."""
-    rates, outs = [[] for _ in fns], [None] * len(fns)
+    """(each fn's first-call tokens/s, its median tokens/s over `repeats` further calls run in
+    turns (``take_turns``; the machine is noisy), its output)."""
+    cold, rates, outs = [], [[] for _ in fns], [None] * len(fns)
+    for fn in fns:
+        time.sleep(pause)
+        t = time.perf_counter()
+        fn()
+        cold.append(n_tokens / (time.perf_counter() - t))
     for _, i in take_turns(range(len(fns)), repeats, pause):
         t = time.perf_counter()
         outs[i] = fns[i]()
         rates[i].append(n_tokens / (time.perf_counter() - t))
-    return [float(np.median(r)) for r in rates], outs
+    return cold, [float(np.median(r)) for r in rates], outs
 
 
 def main(argv=None):
@@ -35,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="runs of each decoder, in turns; medians reported")
     args = ap.parse_args(argv)
     tt.backend.keep_freed_memory()
+    warm_up_s = tt.kernels.warm_up()  # as gpt.sample does at start-up
     if args.quick:
         args.preset, args.new_tokens, args.repeats = "tiny", 20, 1
     cfg, _ = model_config(args.preset)
@@ -45,31 +54,39 @@ def main(argv=None):
     prompt = np.zeros((1, 1), dtype=np.int64)
     n = args.new_tokens
     torch = import_torch(args.no_torch)
-    result = {"preset": args.preset, "backend": args.backend, "new_tokens": n, "machine": machine(torch)}
+    result = {"preset": args.preset, "backend": args.backend, "new_tokens": n, "machine": machine(torch),
+              "kernel_warm_up_s": round(warm_up_s, 3)}
+    names = ["tinytensor KV cache", "tinytensor recompute"]
     decoders = [lambda: model.generate(prompt, n, temperature=0, kv_cache=True),
                 lambda: model.generate(prompt, n, temperature=0, kv_cache=False)]
-    torch_model = None
     if torch is not None:
         from bench.torch_gpt import TorchGPT, load_from_tinytensor
         torch_model = TorchGPT(cfg).eval()
         load_from_tinytensor(torch_model, model.state_dict())
-        decoders.append(lambda: torch_model.generate(torch.from_numpy(prompt), n).numpy())
-    rates, outs = tokens_per_s(decoders, n, args.repeats)
-    cached_tps, full_tps = rates[:2]
-    cached, full = outs[:2]
-    result.update(kv_cache_tok_s=round(cached_tps, 1), recompute_tok_s=round(full_tps, 1),
-                  identical=bool((cached == full).all()), speedup=round(cached_tps / full_tps, 2))
-    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}), greedy, {n} tokens after a 1-token prompt, "
-          f"median of {args.repeats}")
-    print(f"  tinytensor KV cache : {cached_tps:9.1f} tokens/s")
-    print(f"  tinytensor recompute: {full_tps:9.1f} tokens/s   (cache speed-up {cached_tps / full_tps:.1f}x, "
-          f"identical output: {result['identical']})")
-    if torch_model is not None:
-        torch_tps, tout = rates[2], outs[2]
-        result.update(torch_tok_s=round(torch_tps, 1), vs_torch=round(cached_tps / torch_tps, 2),
-                      same_as_torch=bool((tout == cached).all()))
-        print(f"  pytorch recompute   : {torch_tps:9.1f} tokens/s   (KV cache vs pytorch "
-              f"{cached_tps / torch_tps:.1f}x, same tokens: {result['same_as_torch']})")
+        names += ["pytorch KV cache", "pytorch recompute"]
+        decoders += [lambda: torch_model.generate(torch.from_numpy(prompt), n, kv_cache=True).numpy(),
+                     lambda: torch_model.generate(torch.from_numpy(prompt), n).numpy()]
+    cold, warm, outs = tokens_per_s(decoders, n, args.repeats)
+    keys = ["kv_cache", "recompute", "torch_kv_cache", "torch_recompute"]
+    for key, c, w in zip(keys, cold, warm):
+        result[f"{key}_tok_s"], result[f"{key}_cold_tok_s"] = round(w, 1), round(c, 1)
+    result.update(identical=bool((outs[0] == outs[1]).all()), speedup=round(warm[0] / warm[1], 2),
+                  speedup_cold=round(cold[0] / cold[1], 2))
+    print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}), greedy, {n} tokens after a 1-token prompt; "
+          f"warm: median of {args.repeats}, cold: first call\n  {describe_machine(result['machine'])} "
+          f"(kernel warm-up at start {warm_up_s:.2f} s)")
+    print(f"  {'decoder':22s} {'warm tok/s':>11s} {'cold tok/s':>11s}")
+    for name, c, w in zip(names, cold, warm):
+        print(f"  {name:22s} {w:11.1f} {c:11.1f}")
+    print(f"  KV cache vs own recompute: {result['speedup']:.1f}x warm, {result['speedup_cold']:.1f}x cold; "
+          f"identical output: {result['identical']}")
+    if torch is not None:
+        result.update(vs_torch_kv=round(warm[0] / warm[2], 2), vs_torch_kv_cold=round(cold[0] / cold[2], 2),
+                      vs_torch_recompute=round(warm[0] / warm[3], 2),
+                      same_as_torch=bool((outs[2] == outs[0]).all() and (outs[3] == outs[0]).all()))
+        print(f"  ours (KV cache) vs pytorch KV cache: {result['vs_torch_kv']:.2f}x warm, "
+              f"{result['vs_torch_kv_cold']:.2f}x cold; vs pytorch recompute {result['vs_torch_recompute']:.1f}x; "
+              f"same tokens as pytorch: {result['same_as_torch']}")
     return finish(result, args.json)
 
 

@@ -82,17 +82,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = linear(config, config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
+        start = 0 if cache is None else cache.length
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:  # option: qk_norm
             q, k = (F.rms_norm(t, (t.size(-1),), eps=1e-5) for t in (q, k))
         if self.rope:  # option: pos rope
-            positions = torch.arange(T, device=x.device)
+            positions = torch.arange(start, start + T, device=x.device)
             q, k = rope(q, positions), rope(k, positions)
         dropout_p = self.dropout if self.training else 0.0
-        if self.flash:
+        if cache is not None:  # inference: attend to the cached keys and values too
+            k, v = cache.store(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # T > 1 only from an empty cache
+        elif self.flash:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:  # written out, as nanoGPT's fallback: the parity tests' reference is explicit
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -131,9 +135,27 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values so far, one preallocated (B, nh, block_size, hs) buffer per layer, as
+    transformers' StaticCache: what a PyTorch user decodes with (``generate(kv_cache=True)``)."""
+
+    def __init__(self, config: GPTConfig, batch: int, dtype=torch.float32):
+        shape = (batch, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+    def store(self, layer, k, v):
+        """Append new keys/values (B, nh, T, hs); returns every one so far."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class TorchGPT(nn.Module):
@@ -165,15 +187,19 @@ class TorchGPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, C): the final LayerNorm's output, which the head reads."""
+    def hidden_states(self, idx, cache=None):
+        """(B, T) token ids -> (B, T, C): the final LayerNorm's output, which the head reads.
+        With ``cache`` the tokens continue the cached ones."""
         tr = self.transformer
+        start = 0 if cache is None else cache.length
         x = tr.wte(idx)
         if self.config.pos == "learned":  # option: rope acts in attention instead
-            x = x + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + tr.wpe(torch.arange(start, start + idx.shape[1], device=idx.device))
         x = tr.drop(x)
-        for block in tr.h:
-            x = block(x)
+        for layer, block in enumerate(tr.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += idx.shape[1]
         return tr.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -188,12 +214,21 @@ class TorchGPT(nn.Module):
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
-        """Greedy decoding as nanoGPT's generate: the whole cropped context every token."""
+    def generate(self, idx, max_new_tokens, kv_cache=False):
+        """Greedy decoding. Without ``kv_cache`` as nanoGPT's generate: the whole cropped context
+        every token. With it: one position per token (within the block_size window)."""
+        if not kv_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.block_size:])
+                idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+            return idx
+        if idx.size(1) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"the KV-cache peer decodes within the {self.config.block_size}-token window")
+        cache, new, out = KVCache(self.config, idx.size(0), self.lm_head.weight.dtype), idx, [idx]
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            idx = torch.cat([idx, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
-        return idx
+            new = self.lm_head(self.hidden_states(new, cache)[:, -1:]).argmax(dim=-1)  # (B, 1)
+            out.append(new)
+        return torch.cat(out, dim=1)
 
 
 def load_from_tinytensor(model: TorchGPT, state: dict):

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 import tinytensor as tt
-from bench.common import finish, import_torch, machine, model_config, parser, take_turns
+from bench.common import describe_machine, finish, import_torch, machine, model_config, parser, take_turns
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train_step
 
@@ -126,6 +126,8 @@ def measure_step_memory(side, preset, backend, steps):
     everything a step adds on top of the model's weights and the data."""
     import ctypes
     tt.backend.keep_freed_memory()  # as main() does: this process measures the same allocator
+    if side == "Ours":
+        tt.kernels.warm_up()  # loaded code (as torch's, loaded at import) is not memory a step adds
     cfg, batch = model_config(preset)
     s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
     data = list(batches(cfg, batch, steps))
@@ -159,6 +161,7 @@ def main(argv=None):
         args.preset, args.steps, args.warmup = "tiny", 4, 1
     cfg, batch = model_config(args.preset)
     xp = tt.backend.get_xp(args.backend)
+    tt.kernels.warm_up()  # as the programs do: the kernels are loaded before the first step
     sides = [Ours(cfg, batch, args.backend)]
     torch = import_torch(args.no_torch)
     if torch is not None:
@@ -171,8 +174,7 @@ def main(argv=None):
               "matmul_gflops": round(rate, 1), "step_gflop": round(flops / 1e9, 3)}
     print(f"{args.preset} ({cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, block {cfg.block_size}, batch {batch}), "
           f"backend {args.backend}, {args.steps} steps after {args.warmup} warm-up; "
-          f"float32 matmul here: {rate:.0f} GFLOP/s; {result['machine']['cpu']}, "
-          f"threads {result['machine']['threads']}")
+          f"float32 matmul here: {rate:.0f} GFLOP/s\n  {describe_machine(result['machine'])}")
     for side in sides:
         ms = statistics.median(times[side.name]) * 1000
         mfu = flops / (ms / 1000) / (rate * 1e9)

@@ -8,7 +8,7 @@ of the bytes.
 
 The products go through :func:`int8_matmul`: for a few rows of activations (decoding) a
 Numba kernel that converts int8 to float32 inside the dot products (two threads, no float copy
-of the matrix; Numba is the optional extra ``tinytensor[int8]``); otherwise (a prompt, no
+of the matrix; Numba, a core dependency, may still be missing or disabled); otherwise (a prompt, no
 Numba, CuPy) the matrix is dequantized by blocks of rows into a small float32 buffer and
 multiplied with BLAS, so no full float32 copy exists at any time.
 

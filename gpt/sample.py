@@ -145,6 +145,8 @@ def generate(args, out) -> None:
     # this process decodes: keep NumPy's temporaries mapped (see backend); only now, so that the float
     # weights an int8 model no longer needs went back to the system
     tt.backend.keep_freed_memory()
+    if args.backend == "numpy":
+        tt.kernels.warm_up()  # the CPU kernels load now, not inside the first token
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         raise ValueError("the prompt is empty; give at least one character with --prompt")

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
             if not comm.is_root:  # rank 0 resolves the run and owns the out-dir; the others follow it
                 cfg, run, resumed, has_init = comm.bcast_object(None)
                 init = open_pretrained(cfg.init_from) if has_init else None  # (its tokenizer; rank 0's weights)
+                if cfg.backend == "numpy":
+                    tt.kernels.warm_up()
                 return Trainer(cfg, run, resumed, init, comm).run(stop)
             run, init = RunDir(cfg.out_dir), None
             if cfg.resume:
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
                 else:
                     run.check_fresh(cfg.overwrite)
                 comm.bcast_object((cfg, run, resumed, init is not None))
+                if cfg.backend == "numpy":
+                    tt.kernels.warm_up()  # the CPU kernels load (or compile, once) before the clock starts
                 return Trainer(cfg, run, resumed, init, comm).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         return fail(comm, f"error: {exc}", EXIT_USAGE)

@@ -321,3 +321,15 @@ def test_option_adamw_training_matches_torch(options):
         if name.endswith("c_attn.bias"):  # the key bias: see test_adamw_training_matches_torch
             w, rw = np.delete(w, np.s_[C:2 * C]), np.delete(rw, np.s_[C:2 * C])
         assert_close_scaled(w, rw, 1e-3, 1e-4, name)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_the_kv_cache_peer_decodes_as_recompute(pos):
+    """bench.sample's PyTorch KV-cache decoder gives the recomputing decoder's tokens, and ours."""
+    config = dataclasses.replace(CONFIG, pos=pos)
+    ours, ref = make_pair(seed=4, config=config, scale=30.0)  # large weights: tokens that change
+    prompt = np.array([[3, 1, 4]])
+    cached = ref.eval().generate(torch.from_numpy(prompt), 12, kv_cache=True).numpy()
+    assert (cached == ref.generate(torch.from_numpy(prompt), 12).numpy()).all()
+    assert (cached == ours.generate(prompt, 12, temperature=0)).all()
+    assert len(set(cached[0, 3:].tolist())) > 1

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..backend import xp_of
 from ..tensor import Function, register
 from .basic import unbroadcast
@@ -41,6 +41,13 @@ def attention_weights_t(qs, k, causal):
     (..., Tk, Tq). NumPy reduces over a non-last axis 2x faster than over a short
     last one (the softmax's max), and BLAS reads the transpose for free."""
     xp = xp_of(qs)
+    kern = kernels.for_arrays(qs, k, contiguous=False)  # heads are strided views; att below is not
+    if kern is not None:
+        # the kernel's rows are queries, (..., Tq, Tk), masked and normalised in one pass per row;
+        # returned as the same transposed view, which the backward turns back (BLAS reads either)
+        att = qs @ k.swapaxes(-1, -2)
+        kern.softmax_rows(att.reshape(-1, att.shape[-1]), qs.shape[-2], causal)
+        return att.swapaxes(-1, -2)
     att_t = k @ qs.swapaxes(-1, -2)  # (..., Tk, Tq)
     if causal:
         att_t += causal_bias_t(xp, qs.shape[-2], k.shape[-2], att_t.dtype)
@@ -114,12 +121,21 @@ class ScaledDotProductAttention(Function):
         xp = xp_of(g)
         att_t, mask_t = self.att_t, self.mask_t
         gv = (att_t if mask_t is None else att_t * mask_t) @ g
-        ga_t = self.v @ g.swapaxes(-1, -2)  # d loss / d weights, transposed (..., Tk, Tq)
-        if mask_t is not None:
-            ga_t *= mask_t
-        # softmax backward over the keys (axis -2), in place on ga_t
-        ga_t -= xp.einsum("...ij,...ij->...j", ga_t, att_t)[..., None, :]
-        ga_t *= att_t
+        att = att_t.swapaxes(-1, -2)
+        kern = kernels.for_arrays(att)  # C-contiguous when the forward ran the kernel
+        if kern is not None:
+            ga = g @ self.v.swapaxes(-1, -2)  # d loss / d weights, (..., Tq, Tk)
+            if mask_t is not None:
+                ga *= mask_t.swapaxes(-1, -2)
+            kern.softmax_backward_rows(att.reshape(-1, att.shape[-1]), ga.reshape(-1, ga.shape[-1]))
+            ga_t = ga.swapaxes(-1, -2)
+        else:
+            ga_t = self.v @ g.swapaxes(-1, -2)  # d loss / d weights, transposed (..., Tk, Tq)
+            if mask_t is not None:
+                ga_t *= mask_t
+            # softmax backward over the keys (axis -2), in place on ga_t
+            ga_t -= xp.einsum("...ij,...ij->...j", ga_t, att_t)[..., None, :]
+            ga_t *= att_t
         gq = (ga_t.swapaxes(-1, -2) @ self.k) * ga_t.dtype.type(self.scale)
         gk = ga_t @ self.qs
         return gq, gk, gv

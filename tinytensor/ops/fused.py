@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..backend import xp_of
 from ..tensor import Function, register
 from .parallel import for_row_chunks
@@ -101,16 +101,21 @@ class LayerNorm(Function):
         self.dtype = x.dtype
         x, params = _f32(x), [_f32(p) for p in params]
         x2 = x.reshape(-1, C)  # rows: split over the cores
-        self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), x.dtype)
-        for_row_chunks(lambda *rows: _layer_norm_forward(*rows, eps), x2, self.xhat, self.rstd)
         self.shape, self.has_weight, self.has_bias = x.shape, has_weight, has_bias
         self.weight = params[0] if has_weight else None
+        k = kernels.for_arrays(x2, *params, contiguous=False)
+        if k is not None:  # one fused pass; keeps x, mean and rstd (xhat is recomputed in backward)
+            return self._forward_kernel(k, x2, params, eps).reshape(x.shape).astype(self.dtype, copy=False)
+        self.xhat, self.rstd = xp.empty_like(x2), xp.empty((x2.shape[0], 1), x.dtype)
+        for_row_chunks(lambda *rows: _layer_norm_forward(*rows, eps), x2, self.xhat, self.rstd)
         y = self.xhat * self.weight if has_weight else self.xhat.copy()
         if has_bias:
             y += params[-1]
         return y.reshape(x.shape).astype(self.dtype, copy=False)
 
     def backward(self, g):
+        if self.xhat is None:
+            return self._backward_kernel(g)
         xp = xp_of(g)
         g2 = _f32(g).reshape(self.xhat.shape)
         gxhat = g2 * self.weight if self.has_weight else xp.asarray(g2)
@@ -122,6 +127,31 @@ class LayerNorm(Function):
         if self.has_bias:
             grads.append(xp.ones((1, g2.shape[0]), g2.dtype) @ g2)  # column sums by BLAS
             grads[-1] = grads[-1][0]
+        return tuple(gr.astype(self.dtype, copy=False) for gr in grads)
+
+    def _forward_kernel(self, k, x2, params, eps):
+        C, x2 = x2.shape[1], np.ascontiguousarray(x2)
+        weight = np.ascontiguousarray(params[0]) if self.has_weight else np.ones(C, np.float32)
+        bias = np.ascontiguousarray(params[-1]) if self.has_bias else np.zeros(C, np.float32)
+        y = np.empty_like(x2)
+        self.mean, self.rstd = np.empty(x2.shape[0], np.float32), np.empty(x2.shape[0], np.float32)
+        k.layer_norm_forward(x2, weight, bias, np.float32(eps), y, self.mean, self.rstd)
+        self.x2, self.kernel_weight, self.xhat = x2, weight, None
+        return y
+
+    def _backward_kernel(self, g):
+        k = kernels.module()
+        x2 = self.x2
+        g2 = np.ascontiguousarray(g.reshape(x2.shape), np.float32)
+        gx = np.empty_like(x2)
+        gw_parts = np.empty((k.N_PARTS, x2.shape[1]), np.float32)
+        gb_parts = np.empty_like(gw_parts)
+        k.layer_norm_backward(x2, self.mean, self.rstd, self.kernel_weight, g2, gx, gw_parts, gb_parts)
+        grads = [gx.reshape(self.shape)]
+        if self.has_weight:
+            grads.append(gw_parts.sum(axis=0))
+        if self.has_bias:
+            grads.append(gb_parts.sum(axis=0))
         return tuple(gr.astype(self.dtype, copy=False) for gr in grads)
 
 
@@ -167,6 +197,15 @@ class CrossEntropy(Function):
         # half-precision logits: the softmax, its row sums and the mean in float32 (the probabilities
         # kept for backward too); the loss and the logits' gradient come back in the logits' dtype
         self.dtype, logits = logits.dtype, _f32(logits)
+        k = kernels.for_arrays(logits)
+        if k is not None:  # one fused pass per row: softmax kept for backward, the loss per row
+            count = valid.sum(dtype=logits.dtype)
+            self.probs, nll = np.empty_like(logits), np.empty(logits.shape[0], logits.dtype)
+            self.targets, self.count, self.kernel = targets.astype(np.int64, copy=False), count, True
+            k.cross_entropy_forward(logits, self.targets, np.int64(ignore_index), self.probs, nll)
+            self.ignore_index = ignore_index
+            return np.where(count > 0, nll.sum() / np.maximum(count, 1), np.nan).astype(self.dtype)
+        self.kernel = False
         e = logits - logits.max(axis=1, keepdims=True)
         target_logit = xp.take_along_axis(e, safe_t[:, None], axis=1)[:, 0]
         xp.exp(e, out=e)
@@ -183,6 +222,11 @@ class CrossEntropy(Function):
     def backward(self, g):
         xp = xp_of(g)
         grad = self.probs  # reused in place: it is not needed again
+        if self.kernel:
+            scale = np.float32(_f32(g) / np.maximum(self.count, 1))
+            kernels.module().cross_entropy_backward(grad, self.targets, np.int64(self.ignore_index), scale)
+            self.probs = None
+            return grad.astype(self.dtype, copy=False), None
         rows = xp.arange(grad.shape[0])
         grad[rows, self.targets] -= 1
         grad *= (self.valid * (_f32(g) / xp.maximum(self.count, 1)))[:, None].astype(grad.dtype)
@@ -226,11 +270,21 @@ class Gelu(Function):
     def forward(self, x):
         xp = xp_of(x)
         x = xp.asarray(x)
+        k = kernels.for_arrays(x, contiguous=False)
+        if k is not None:  # fused: keeps x only, backward recomputes sigmoid(2u)
+            x = np.ascontiguousarray(x)
+            self.x, self.s, y = x, None, np.empty_like(x)
+            k.gelu_forward(x.reshape(-1), y.reshape(-1))
+            return y
         self.x, self.s, y = x, xp.empty_like(x), xp.empty_like(x)
         for_row_chunks(_gelu_forward, x, self.s, y)  # rows on every core (NumPy)
         return y
 
     def backward(self, g):
+        if self.s is None:
+            g, gx = np.ascontiguousarray(g, np.float32), np.empty_like(self.x)
+            kernels.module().gelu_backward(self.x.reshape(-1), g.reshape(-1), gx.reshape(-1))
+            return gx
         gx = xp_of(g).empty_like(g)
         for_row_chunks(_gelu_backward, self.x, self.s, xp_of(g).asarray(g), gx)
         return gx
@@ -244,6 +298,11 @@ def scatter_add_rows(idx, g, n_rows):
     if xp is not np:
         out = xp.zeros((n_rows, flat_g.shape[1]), g.dtype)
         backend.add_at(out, flat_idx, flat_g)  # on a GPU an atomic scatter-add is the fast way
+        return out
+    k = kernels.for_arrays(flat_g)
+    if k is not None:  # columns split over the cores, rows added in token order
+        out = np.zeros((n_rows, flat_g.shape[1]), np.float32)
+        k.embedding_backward(flat_g, flat_idx.astype(np.int64, copy=False), out)
         return out
     if flat_idx.size * n_rows <= (1 << 24):
         # small vocabularies: a one-hot matrix product is much faster than scatter-add

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from .. import kernels
 from .optimizer import Optimizer
 
 
@@ -102,6 +105,11 @@ class AdamW(Optimizer):
             G[sl] = p.grad.ravel()
             self.state[id(p)]["step"] += 1
         t = self.state[id(group["params"][0])]["step"]
+        k = kernels.for_arrays(P, G, M, V)
+        if k is not None:  # one fused pass over the four buffers
+            f = np.float32
+            k.adamw_step(P, G, M, V, f(lr), f(b1), f(b2), f(eps), f(wd), f(1 - b1 ** t), f(math.sqrt(1 - b2 ** t)))
+            return
         if wd:
             P *= 1 - lr * wd  # decoupled: decay the weights, not the gradient
         xp.multiply(G, 1 - b1, out=T)
