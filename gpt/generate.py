@@ -169,10 +169,13 @@ class KVCache:
         return F.cached_attention(qkv, self.keys[layer], self.values[layer], self.length, n_head)
 
 
-def load_model(path, backend: str = "numpy"):
+def load_model(path, backend: str = "numpy", adapter=None):
     """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train``, for inference.
 
     >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
+
+    ``adapter``: a LoRA adapter file to apply to this (base) checkpoint; adapters, from the
+    file or a LoRA run's checkpoint, are merged into plain Linear layers for decoding.
 
     The header and metadata are validated first (nothing is allocated for a bad
     file); then only the model's weights are read (never the optimizer's moments),
@@ -186,8 +189,17 @@ def load_model(path, backend: str = "numpy"):
         raise CheckpointError(f"checkpoint {path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be "
                               "sampled from. Use ckpt_best.safetensors or an earlier checkpoint")
     model = MODELS[model_type](config)
+    if meta.get("lora") is not None:  # a LoRA run's checkpoint: the base and its adapters (validated)
+        from .lora import LoRASpec, apply_lora
+        apply_lora(model, LoRASpec.from_dict(meta["lora"]))
     try:
         model.load_state_dict(weights)
     except (KeyError, ValueError) as exc:  # unreachable after the checks above, but never a traceback
         raise CheckpointError(f"{path}: weights do not fit the model: {exc}") from None
+    if adapter is not None or meta.get("lora") is not None:
+        from .lora import fold_lora, load_adapter
+        fold_lora(model)  # plain Linears again: an adapter file applies on top, decoding costs what a base's does
+        if adapter is not None:
+            load_adapter(model, adapter)
+            fold_lora(model)
     return model.to(backend), tokenizer, meta

@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .resources import ResourceError
 from .rundir import RunDir, RunDirError
+from .sft import SFTError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 from .config import UsageError
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     except (UsageError, RunDirError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
+    except (DataError, SFTError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # disk full, --out-dir not writable, ...: save_checkpoint keeps the old file
