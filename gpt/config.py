@@ -170,6 +170,8 @@ class TrainConfig(ModelOptions):
                 raise ValueError(f"--lora-rank/--lora-alpha/--lora-dropout: {exc}") from None
             if self.dtype != "float32":
                 raise ValueError(f"--lora-rank with --dtype {self.dtype} is not supported yet; use --dtype float32")
+            if self.model != "gpt":
+                raise ValueError(f"--lora-rank adapts the GPT's Linear layers; the {self.model} model has none")
         elif self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be 0 (off) or at least 1, got {self.lora_rank}")
         if self.resume and self.overwrite:

@@ -108,13 +108,16 @@ def read_jsonl(path) -> tuple[list[dict], str]:
         raise SFTError(f"--sft-data {path} does not exist") from None
     except OSError as exc:
         raise SFTError(f"--sft-data {path} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # a directory, a FIFO, /dev/zero
             raise SFTError(f"--sft-data {path} is not a regular file; pass a .jsonl file")
         if info.st_size > MAX_FILE_BYTES:
             raise SFTError(f"--sft-data {path} is {info.st_size:,} bytes; at most {MAX_FILE_BYTES:,} are accepted")
-        raw = f.read(MAX_FILE_BYTES + 1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(raw) > MAX_FILE_BYTES:
         raise SFTError(f"--sft-data {path} grew past {MAX_FILE_BYTES:,} bytes while being read")
     examples = []

@@ -509,7 +509,7 @@ _FUNCTIONS = ("zeros_like empty_like ones_like full_like full ones concatenate s
               "not_equal less less_equal greater greater_equal logical_and logical_or logical_not isfinite isnan "
               "isinf sum prod mean var max min amax amin argmax argmin any all cumsum count_nonzero outer "
               "expand_dims squeeze reshape transpose swapaxes moveaxis ravel tril triu eye "
-              "take").split()
+              "take rint").split()
 _CREATION = "zeros empty".split()  # memset/allocation only: no kernel to compile
 _DTYPES = "float16 float32 float64 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool_ complex64 complex128".split()
 

@@ -52,7 +52,7 @@ def quantize_blockwise(w, bits: int = 8, block: int = 64):
     q = xp.clip(xp.rint(blocks / scale[..., None]), -qmax, qmax).astype(np.int8).reshape(out_f, in_f)
     if bits == 4:
         u = (q + 8).astype(np.uint8)
-        q = u[:, 0::2] | (u[:, 1::2] << 4)
+        q = u[:, 0::2] + u[:, 1::2] * np.uint8(16)  # low nibble first (max 15 + 240: no overflow)
     return q, scale
 
 
@@ -62,7 +62,7 @@ def dequantize_blockwise(q, scale, bits: int, block: int, dtype=np.float32):
     if bits == 4:
         vals = xp.empty((q.shape[0], 2 * q.shape[1]), np.int8)
         vals[:, 0::2] = (q & 0x0F).astype(np.int8) - 8
-        vals[:, 1::2] = (q >> 4).astype(np.int8) - 8
+        vals[:, 1::2] = (q // np.uint8(16)).astype(np.int8) - 8
         q = vals
     out_f, in_f = q.shape
     w = q.reshape(out_f, in_f // block, block).astype(dtype)
