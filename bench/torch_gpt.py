@@ -28,7 +28,7 @@ from gpt.model import GPTConfig
 # and gets its one branch at the place marked "option:" below; until then TorchGPT refuses
 # a config that has it.
 OPTIONS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias",
-           "pos", "norm", "norm_gain", "mlp", "qk_norm", "tie_head", "zero_init_proj")
+           "pos", "norm", "norm_gain", "mlp", "qk_norm", "tie_head", "zero_init_proj", "norm_eps")
 
 
 def tied(config: GPTConfig) -> dict:
@@ -47,10 +47,10 @@ def check_options(config: GPTConfig) -> None:
 
 
 def norm(config: GPTConfig) -> nn.Module:
-    # option: norm (layernorm | rmsnorm), norm_gain
+    # option: norm (layernorm | rmsnorm), norm_gain, norm_eps
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.n_embd, bias=config.bias, elementwise_affine=config.norm_gain)
-    return nn.RMSNorm(config.n_embd, eps=1e-5, elementwise_affine=config.norm_gain)
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias, elementwise_affine=config.norm_gain)
+    return nn.RMSNorm(config.n_embd, eps=config.norm_eps, elementwise_affine=config.norm_gain)
 
 
 def linear(config: GPTConfig, n_in: int, n_out: int) -> nn.Linear:

@@ -23,7 +23,7 @@ from tinytensor.nn.lora import BASE_DTYPES
 
 from .lora import TARGETS as LORA_TARGETS, LoRASpec
 from .model import MODELS, GPTConfig, ModelOptions
-from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS
+from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS, TRAINED_TOKENIZERS
 
 OPTIMIZERS = ("adamw", "muon")  # built by gpt.optimizers.build_optimizer
 LR_SCHEDULES = ("cosine", "wsd")  # gpt.trainer.Trainer.lr_at
@@ -56,12 +56,20 @@ class TrainConfig(ModelOptions):
     data_dir: Optional[str] = _opt(None, "where prepared datasets are cached (default: $GPT_DATA_DIR, else data/ "
                                          "in a clone, else a per-user cache folder)", resume="local",
                                    metavar="DIR")
-    tokenizer: str = _opt("char", "char: one token per character; bpe: byte-level BPE trained on the text",
+    tokenizer: str = _opt("char", "char: one token per character; bpe: byte-level BPE trained on the text; gpt2: GPT-2's "
+                                   "(with --init-from a GPT-2 model, which sets it)",
                           resume="keep", choices=TOKENIZERS)
     vocab_size: Optional[int] = _opt(None, "BPE vocabulary size, 256..65536 (default 512; char ignores it)",
                                      resume="keep")
     # model: the architecture fields are inherited from ModelOptions (gpt/model.py)
     model: str = _opt("gpt", "gpt, or the bigram baseline", resume="keep", choices=tuple(MODELS))
+    init_from: Optional[str] = _opt(None, "fine-tune an existing model: a checkpoint written by gpt.train, or a "
+                                          "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab files) "
+                                          "or .safetensors file. Its model type, architecture and tokenizer are "
+                                          "used (--dropout may differ, --block-size may shrink), --input is "
+                                          "tokenized with its tokenizer, the optimizer starts fresh. --resume "
+                                          "ignores it (the run's checkpoint holds everything)",
+                                    resume="local", metavar="PATH")
     # optimisation
     batch_size: int = _opt(12, "sequences per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per step: the same as a grad_accum times larger batch")
@@ -162,6 +170,9 @@ class TrainConfig(ModelOptions):
         if self.vocab_size is not None and not MIN_BPE_VOCAB <= self.vocab_size <= MAX_VOCAB:
             raise ValueError(f"--vocab-size must be in [{MIN_BPE_VOCAB}, {MAX_VOCAB}] for byte-level BPE, "
                              f"got {self.vocab_size}")
+        if self.tokenizer not in TRAINED_TOKENIZERS and self.init_from is None and not self.resume:
+            raise ValueError(f"--tokenizer {self.tokenizer} comes with a model: pass --init-from PATH (a GPT-2 "
+                             f"folder), or choose one made from the text: {', '.join(TRAINED_TOKENIZERS)}")
         if self.lora_rank:
             try:
                 LoRASpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,

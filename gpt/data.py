@@ -47,7 +47,7 @@ import numpy as np
 
 from gpt.atomic import atomic_write_bytes, remove_stale_temps
 from gpt.resources import ResourceError, check_fits
-from gpt.tokenizer import (MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS, BPETokenizer, CharTokenizer, TokenizerError,
+from gpt.tokenizer import (MAX_VOCAB, MIN_BPE_VOCAB, TRAINED_TOKENIZERS, BPETokenizer, CharTokenizer, TokenizerError,
                            tokenizer_from_json)
 
 __all__ = [
@@ -235,8 +235,10 @@ def _load_prepared(
     source_sha: str,
     tokenizer: str,
     vocab_size: Optional[int],
+    tokenizer_sha256: Optional[str] = None,
 ) -> Optional[Dataset]:
-    """Return the cached dataset if it is complete and made from this source, else None."""
+    """Return the cached dataset if it is complete and made from this source (and, when
+    ``tokenizer_sha256`` is given, with exactly that tokenizer), else None."""
     meta_path = ds_dir / "meta.json"
     if not meta_path.is_file():
         return None
@@ -245,6 +247,8 @@ def _load_prepared(
         if meta.get("source_sha256") != source_sha or meta.get("tokenizer") != tokenizer:
             return None
         if tokenizer == "bpe" and meta.get("requested_vocab_size") != vocab_size:
+            return None
+        if tokenizer_sha256 is not None and meta.get("tokenizer_sha256") != tokenizer_sha256:
             return None
         n_train, n_val = int(meta["n_train"]), int(meta["n_val"])
         itemsize = np.dtype(np.uint16).itemsize
@@ -281,6 +285,7 @@ def prepare(
     data_dir: Union[str, os.PathLike, None] = None,
     log: Optional[Callable[[str], None]] = print_to_stderr,
     progress: bool = True,
+    given_tokenizer=None,
 ) -> Dataset:
     """Prepare (or reuse) a tokenized dataset and return it as memmaps.
 
@@ -294,6 +299,9 @@ def prepare(
         data_dir: where prepared datasets live (default: :func:`resolve_data_dir`).
         log: called with progress messages (default: print to stderr); None = silent.
         progress: show a progress bar while training BPE.
+        given_tokenizer: tokenize with this tokenizer instead of training one (a model's, for
+            fine-tuning it); ``tokenizer`` and ``vocab_size`` then come from it, and the
+            prepared folder's name carries its sha256's first 8 hex digits.
 
     Raises:
         DataError: with what was wrong and what to do about it.
@@ -301,9 +309,16 @@ def prepare(
     log = log or (lambda msg: None)
     data_dir = resolve_data_dir(data_dir)
 
-    if tokenizer not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)} (--tokenizer).")
-    if tokenizer == "bpe":
+    tok_sha = None
+    if given_tokenizer is not None:
+        tokenizer = given_tokenizer.kind
+        vocab_size = given_tokenizer.vocab_size if tokenizer == "bpe" else None
+        tok_sha = _sha256(given_tokenizer.to_json().encode("utf-8"))
+    elif tokenizer not in TRAINED_TOKENIZERS:
+        raise DataError(f"tokenizer {tokenizer!r} cannot be trained on a text: choose one of "
+                        f"{', '.join(TRAINED_TOKENIZERS)} (--tokenizer), or fine-tune a model that has it "
+                        "with --init-from PATH.")
+    if tokenizer == "bpe" and given_tokenizer is None:
         if vocab_size is None:
             vocab_size = DEFAULT_BPE_VOCAB_SIZE
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
@@ -315,7 +330,7 @@ def prepare(
                 f"tokens and they are stored as uint16, so it must be between {MIN_BPE_VOCAB} and {MAX_VOCAB} "
                 f"(--vocab-size)."
             )
-    elif vocab_size is not None:
+    elif vocab_size is not None and given_tokenizer is None:
         log(f"note: vocab_size={vocab_size} is ignored for the char tokenizer "
             "(its vocabulary is the set of characters in the text)")
         vocab_size = None
@@ -324,10 +339,10 @@ def prepare(
     if input_path is not None:
         src = Path(input_path).expanduser()
     elif dataset in KNOWN_DATASETS:
-        name = "shakespeare_char" if tokenizer == "char" else f"shakespeare_bpe{vocab_size}"
+        name = _dataset_name("shakespeare", tokenizer, vocab_size, tok_sha)
         if not (data_dir / "shakespeare_char" / "input.txt").is_file():
             # prepared earlier and the text since removed: the verified preparation is enough
-            cached = _load_prepared(data_dir / name, name, SHAKESPEARE_SHA256, tokenizer, vocab_size)
+            cached = _load_prepared(data_dir / name, name, SHAKESPEARE_SHA256, tokenizer, vocab_size, tok_sha)
             if cached is not None:
                 return _reused(cached, log)
         src = _shakespeare_source(data_dir, log)
@@ -352,11 +367,11 @@ def prepare(
         if input_path is None:
             log(f"warning: {src} is not the Tiny Shakespeare file (sha256 {source_sha[:12]}...); "
                 f"preparing it as a custom text")
-    name = f"{base}_{tokenizer}" + (f"{vocab_size}" if tokenizer == "bpe" else "")
+    name = _dataset_name(base, tokenizer, vocab_size, tok_sha)
     ds_dir = data_dir / name
 
     # 3. Reuse a complete preparation of the same source.
-    cached = _load_prepared(ds_dir, name, source_sha, tokenizer, vocab_size)
+    cached = _load_prepared(ds_dir, name, source_sha, tokenizer, vocab_size, tok_sha)
     if cached is not None:
         return _reused(cached, log)
 
@@ -374,14 +389,16 @@ def prepare(
 
     t0 = time.perf_counter()
     try:
-        if tokenizer == "char":
+        if given_tokenizer is not None:
+            tok = given_tokenizer
+        elif tokenizer == "char":
             tok = CharTokenizer.train(text)
         else:
             tok = BPETokenizer.train(text, vocab_size=vocab_size, progress=progress)
     except TokenizerError as e:
         raise DataError(f"cannot train a {tokenizer} tokenizer on {src}: {e}") from e
     t1 = time.perf_counter()
-    if tokenizer == "bpe":
+    if tokenizer == "bpe" and given_tokenizer is None:
         log(f"trained BPE tokenizer (vocab {tok.vocab_size}) in {t1 - t0:.1f} s")
     if tok.vocab_size > MAX_VOCAB:
         raise DataError(
@@ -419,6 +436,7 @@ def prepare(
         # what was asked for: a small text can give a BPE with fewer merges
         "requested_vocab_size": vocab_size,
         "source": str(src),
+        **({"tokenizer_sha256": tok_sha} if tok_sha else {}),
     }
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     log(f"prepared {ds_dir}: {n_train:,} train / {n_val:,} val tokens, vocab {tok.vocab_size}")
@@ -426,6 +444,12 @@ def prepare(
     train = np.memmap(ds_dir / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(ds_dir / "val.bin", dtype=np.uint16, mode="r")
     return Dataset(name=name, dir=ds_dir, tokenizer=tok, train=train, val=val, meta=meta)
+
+
+def _dataset_name(base: str, tokenizer: str, vocab_size: Optional[int], tok_sha: Optional[str]) -> str:
+    """``<base>_char``, ``<base>_bpe<V>``; a given tokenizer's adds ``-<its sha256[:8]>``."""
+    name = f"{base}_{tokenizer}" + (f"{vocab_size}" if tokenizer == "bpe" else "")
+    return name + (f"-{tok_sha[:8]}" if tok_sha else "")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")

@@ -163,6 +163,24 @@ def unmerge_lora(model) -> None:
         m.unmerge()
 
 
+def merged_weights(weights: dict, config, lora_meta: dict) -> dict:
+    """A LoRA run's checkpoint tensors (``checkpoint_tensors``) as a plain model's state dict:
+    each adapted weight = the (dequantized) base + B A alpha/rank. For --init-from such a checkpoint."""
+    from tinytensor.ops.quant import dequantize_blockwise
+    spec = LoRASpec.from_dict(lora_meta)
+    out = {k: v for k, v in weights.items() if not k.endswith((".lora_A", ".lora_B", ".weight_q", ".weight_scale"))}
+    for name, (n_out, n_in) in target_layers(config, spec).items():
+        if spec.base_dtype == "float32":
+            w = weights[f"{name}.weight"].astype(np.float32)
+        else:
+            bits = 8 if spec.base_dtype == "int8" else 4
+            w = dequantize_blockwise(weights[f"{name}.weight_q"], weights[f"{name}.weight_scale"], bits,
+                                     quant_block(n_in, QUANT_BLOCK, bits))
+        delta = weights[f"{name}.lora_B"] @ weights[f"{name}.lora_A"]
+        out[f"{name}.weight"] = w + delta * np.float32(spec.alpha / spec.rank)
+    return out
+
+
 def adapter_state(model) -> dict:
     """name -> array of every adapter tensor (the live arrays)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}

@@ -66,11 +66,13 @@ class ModelOptions:
                                                            "(GPT-2); false: its own lm_head.weight, zero-initialised"})
     zero_init_proj: bool = field(default=False, metadata={"help": "zero-initialise the projections into the "
                                                                   "residual stream (attention and MLP c_proj)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "the epsilon each norm adds to the variance, in "
+                                                            "(0, 1] (GPT-2's layer_norm_epsilon)"})
 
 
 # The fields added after the first checkpoints: a checkpoint without them is read with their
 # defaults, which build the GPT it was written from.
-ARCHITECTURE_OPTIONS = ("pos", "norm", "norm_gain", "mlp", "qk_norm", "tie_head", "zero_init_proj")
+ARCHITECTURE_OPTIONS = ("pos", "norm", "norm_gain", "mlp", "qk_norm", "tie_head", "zero_init_proj", "norm_eps")
 
 
 @dataclass
@@ -98,6 +100,10 @@ class GPTConfig(ModelOptions):
                 or not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
+        if isinstance(self.norm_eps, (bool, np.bool_)) or not isinstance(self.norm_eps, numbers.Real) \
+                or not (math.isfinite(self.norm_eps) and 0 < self.norm_eps <= 1):
+            raise ValueError(f"norm_eps must be a number in (0, 1], got {self.norm_eps!r}")
+        self.norm_eps = float(self.norm_eps)
         for f in fields(ModelOptions):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -169,9 +175,9 @@ class Norm(nn.Module):
     as torch's elementwise_affine=False). With the defaults
     it is nn.LayerNorm exactly (same names, same op)."""
 
-    def __init__(self, config: GPTConfig, eps: float = 1e-5):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        C, self.kind, self.eps = config.n_embd, config.norm, eps
+        C, self.kind, self.eps = config.n_embd, config.norm, config.norm_eps
         self.weight = nn.Parameter(np.ones(C, np.float32)) if config.norm_gain else None
         layer_norm_bias = config.bias and config.norm == "layernorm" and config.norm_gain
         self.bias = nn.Parameter(np.zeros(C, np.float32)) if layer_norm_bias else None

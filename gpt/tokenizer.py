@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from . import strict_json
 
-__all__ = ["TOKENIZERS", "TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
+__all__ = ["TOKENIZERS", "TRAINED_TOKENIZERS", "TokenizerError", "CharTokenizer", "BPETokenizer", "StreamDecoder",
            "tokenizer_from_json", "SPLIT_PATTERN"]
 
 FORMAT_VERSION = 1
-TOKENIZERS = ("char", "bpe")  # the names gpt.train's --tokenizer accepts
+TOKENIZERS = ("char", "bpe", "gpt2")  # the names gpt.train's --tokenizer accepts (a checkpoint's kind)
+TRAINED_TOKENIZERS = ("char", "bpe")  # made from the text; gpt2 comes with a GPT-2 model (--init-from)
 MAX_VOCAB = 65536  # ids must fit in uint16 for compact token files
 MIN_BPE_VOCAB = 256  # the byte tokens; every merge adds one
 MAX_TOKEN_BYTES = 64 << 20  # all tokens' bytes together; real vocabularies use a few hundred KB
@@ -342,6 +343,9 @@ def tokenizer_from_json(s: str):
                        for m in merges):
                 raise TokenizerError("bpe 'merges' must be a list of [int, int] pairs")
             return BPETokenizer(merges)
+        if kind == "gpt2":
+            from .gpt2_tokenizer import GPT2Tokenizer  # (it builds on this module)
+            return GPT2Tokenizer.from_dict(data)
     except (KeyError, TypeError) as e:
         raise TokenizerError(f"malformed {kind!r} tokenizer JSON: {e}") from None
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(TOKENIZERS)})")

@@ -24,6 +24,7 @@ from .sft import SFTError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 from .config import UsageError
+from .pretrained import init_config
 from .trainer import Trainer, TrainingError, check_resumable, resume_config
 
 EXIT_USAGE = 2
@@ -36,16 +37,18 @@ def main(argv=None) -> int:
     stop = StopRequest()
     try:
         with stop.installed():
-            run = RunDir(cfg.out_dir)
+            run, init = RunDir(cfg.out_dir), None
             if cfg.resume:
                 check_resumable(run)
+            elif cfg.init_from is not None:  # before the out-dir exists: a bad model leaves nothing behind
+                cfg, init = init_config(cfg, overrides)
             with run.locked():
                 resumed = None
                 if cfg.resume:
                     cfg, resumed = resume_config(cfg, overrides, run)
                 else:
                     run.check_fresh(cfg.overwrite)
-                return Trainer(cfg, run, resumed).run(stop)
+                return Trainer(cfg, run, resumed, init).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

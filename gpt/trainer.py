@@ -29,7 +29,8 @@ from .resources import check_fits
 from .optimizers import build_optimizer, same_hyperparameters
 from .rundir import RunDir, RunLog
 from .signals import EXIT_INTERRUPTED, StopRequest
-from .tokenizer import TokenizerError
+from .pretrained import load_initial_weights
+from .tokenizer import TokenizerError, tokenizer_from_json
 
 
 class TrainingError(RuntimeError):
@@ -94,14 +95,14 @@ class Trainer:
     """Builds the data, model and optimizer from a resolved config (restoring a checkpoint's
     ``resumed`` state when given) and runs the loop. Messages go to stderr."""
 
-    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None):
+    def __init__(self, cfg: C.TrainConfig, run: RunDir, resumed: TrainingState | None = None, init=None):
         self.cfg, self.run_dir = cfg, run
         self.runlog = RunLog(cfg)  # messages only, until run() opens the metrics
         self.step, self.best_val, self.elapsed = 0, math.inf, 0.0
         tt.backend.get_xp(cfg.backend)  # fail early with the install hint
         compute_dtype = tt.optim.resolve_dtype(cfg.dtype, cfg.backend)  # (bfloat16: ml_dtypes' hint)
         tt.manual_seed(cfg.seed)
-        self.data = self._dataset(resumed)
+        self.data = self._dataset(resumed, init)
         meta = self.data.meta
         self.chars_per_token = meta.get("n_chars", 1) / max(1, meta.get("n_train", 1) + meta.get("n_val", 0))
         self.model_config = cfg.model_config(self.data.vocab_size)
@@ -110,6 +111,9 @@ class Trainer:
                        "lower --batch-size, --block-size, --n-embd or --n-layer")
         # the float32 model: the optimizer's (master weights) and the checkpoints'
         self.model = MODELS[cfg.model](self.model_config).to(cfg.backend)
+        if init is not None:  # --init-from (a gpt.pretrained.Pretrained): its weights, a fresh optimizer
+            load_initial_weights(self.model, init)
+            self.log(f"initialised from {init.path} ({init.kind})")
         self.lora = prepare_model(self.model, cfg)  # LoRA adapters (base frozen), --grad-checkpoint
         self.sft = load_sft(cfg, self.data.tokenizer, resumed)  # --sft-data: its batches replace the text's
         self.optimizer = build_optimizer(self.model, cfg)
@@ -121,9 +125,13 @@ class Trainer:
         if resumed is not None:
             self._restore(resumed)
 
-    def _dataset(self, resumed):
+    def _dataset(self, resumed, init=None):
         cfg, data = self.cfg, None
         info = resumed.data if resumed is not None else {}  # empty in older checkpoints
+        # a run that fine-tunes a model tokenizes with the model's tokenizer (on --resume, the checkpoint's)
+        given = init.tokenizer if init is not None else None
+        if resumed is not None and C.config_from_dict(resumed.train_config).get("init_from"):
+            given = tokenizer_from_json(resumed.tokenizer)
         if resumed is not None and cfg.input is None:
             # a resumed run: the prepared copy in the data directory, found by name and hash
             data = find_prepared(info.get("name"), info.get("source_sha256"), cfg.tokenizer, cfg.vocab_size,
@@ -136,7 +144,7 @@ class Trainer:
                                 "on) or the --data-dir it used")
         if data is None:  # Tiny Shakespeare is prepared again (downloaded if need be), any other text from --input
             data = prepare(cfg.dataset, cfg.input, cfg.tokenizer, cfg.vocab_size, data_dir=cfg.data_dir,
-                           log=self.log)
+                           log=self.log, given_tokenizer=given)
         if info.get("source_sha256", data.meta["source_sha256"]) != data.meta["source_sha256"]:
             raise UsageError("--input is not the text this run trained on (its sha256 differs); "
                              "a resumed run keeps its data")

@@ -489,6 +489,8 @@ MODEL_META_CASES = [
     (("model_config", "dropout"), "0.1", "dropout"),
     (("model_config", "bias"), "yes", "bias must be true or false"),
     (("model_config", "bias"), 1, "bias must be true or false"),
+    (("model_config", "norm_eps"), 0.0, "norm_eps must be a number in (0, 1]"),
+    (("model_config", "norm_eps"), "1e-5", "norm_eps"),
     (("model_config", "n_layer"), KeyError, "missing n_layer"),
     (("model_config", "lora_rank"), 4, "unknown 'lora_rank'"),
     (("model_config",), [1, 2], "model_config' must be an object"),
@@ -508,6 +510,8 @@ MODEL_META_CASES = [
     (("tokenizer",), json.dumps({"kind": "bpe", "merges": [[0, 0]] + [[255 + i, 255 + i] for i in range(1, 60)]}),
      "merges spell out"),
     (("tokenizer",), json.dumps({"kind": "bpe", "merges": [[0, 0]] * 70000}), "merges"),
+    (("tokenizer",), json.dumps({"kind": "gpt2", "byte_order": [0] * 256, "merges": [], "special": []}),
+     "tokenizer is invalid"),
 ]
 
 
@@ -669,7 +673,7 @@ def test_gpt_config_types():
     assert GPTConfig(n_embd=np.int64(384), dropout=0, bias=np.bool_(False)).to_dict() == \
         dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=False,
              pos="learned", norm="layernorm", norm_gain=True, mlp="gelu", qk_norm=False, tie_head=True,
-             zero_init_proj=False)
+             zero_init_proj=False, norm_eps=1e-5)
     assert type(GPTConfig(n_embd=np.int64(384)).n_embd) is int  # JSON-serialisable
     for bad in (dict(n_layer=True), dict(n_embd=384.0), dict(vocab_size="65"), dict(dropout=math.nan),
                 dict(dropout=math.inf), dict(dropout=True), dict(bias=None), dict(block_size=2**21),

@@ -232,6 +232,8 @@ OPTION_CASES = {
     "untied-head": dict(tie_head=False),
     "zero-init-proj": dict(zero_init_proj=True),
     "no-bias": dict(bias=False),
+    "norm-eps": dict(norm_eps=0.5),  # large, so a norm that ignored it would show
+    "rmsnorm-eps": dict(norm="rmsnorm", norm_eps=0.5),
     "modern": dict(pos="rope", norm="rmsnorm", norm_gain=False, mlp="relu2", qk_norm=True, tie_head=False,
                    zero_init_proj=True, bias=False),
     "modern-swiglu": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_head=False),

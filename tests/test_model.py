@@ -41,7 +41,7 @@ def test_config_defaults_and_to_dict():
     d = cfg.to_dict()
     assert d == dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
                      pos="learned", norm="layernorm", norm_gain=True, mlp="gelu", qk_norm=False, tie_head=True,
-                     zero_init_proj=False)
+                     zero_init_proj=False, norm_eps=1e-5)
     assert GPTConfig(**d) == cfg
 
 
