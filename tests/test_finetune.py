@@ -16,6 +16,8 @@ from gpt import sample as sample_cli
 from gpt import sft as S
 from gpt import train as train_cli
 from gpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gpt.generate import load_model
+from gpt.pretrained import open_pretrained
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import CharTokenizer
 from tinytensor.nn.lora import LoRALinear
@@ -362,22 +364,28 @@ def io_out():
     return io.StringIO()
 
 
-def test_adapter_applies_to_its_base_in_sample(corpus, tmp_path, capsys):
-    base, tuned = tmp_path / "base", tmp_path / "tuned"
+def test_init_from_lora_and_the_adapter_on_its_base(corpus, tmp_path, capsys):
+    """gpt.train --init-from BASE --lora-rank: the adapter file on BASE samples exactly what the
+    run's own checkpoint does; --init-from that checkpoint starts from the merged model."""
+    base, tuned, again = tmp_path / "base", tmp_path / "tuned", tmp_path / "again"
     assert train(corpus, base, "--max-iters", 2, "--eval-interval", 2) == 0
-    # a LoRA run from the same seed: its frozen base equals base's weights at step 0, so use
-    # the step-0 weights as "the base" through a run with no steps
-    assert train(corpus, tuned, "--max-iters", 3, "--eval-interval", 3, "--lora-rank", 2) == 0
+    assert train(corpus, tuned, "--max-iters", 3, "--eval-interval", 3, "--lora-rank", 2,
+                 "--init-from", base / "ckpt.safetensors") == 0
     adapter = tuned / "adapter.safetensors"
     assert adapter.is_file() and adapter.stat().st_size < 20_000
-    outs = []
-    for args in (["--checkpoint", str(tuned / "ckpt.safetensors")],
-                 ["--checkpoint", str(base / "ckpt.safetensors"), "--adapter", str(adapter)]):
-        out = io_out()
-        assert sample_cli.main([*args, "--max-new-tokens", "8", "--temperature", "0"], out=out) == 0
-        outs.append(out.getvalue())
-    assert all(len(o) > 8 for o in outs)
-    # a training checkpoint is not an adapter file; an adapter of another shape is refused
+    x = np.arange(12)[None] % 7
+    logits = [load_model(path, adapter=a)[0](x)[0].numpy() for path, a in (
+        (tuned / "ckpt.safetensors", None), (base / "ckpt.safetensors", adapter), (base / "ckpt.safetensors", None))]
+    np.testing.assert_array_equal(logits[0], logits[1])  # the adapter on its base: the run's own model
+    assert np.abs(logits[0] - logits[2]).max() > 1e-4  # (and it did change the base)
+    out = io_out()
+    assert sample_cli.main(["--checkpoint", str(base / "ckpt.safetensors"), "--adapter", str(adapter),
+                            "--max-new-tokens", "5"], out=out) == 0 and len(out.getvalue()) > 5
+    # --init-from the LoRA run's checkpoint: the base with its adapters merged (then trained in full)
+    merged = open_pretrained(tuned / "ckpt.safetensors").build()
+    np.testing.assert_allclose(merged(x)[0].numpy(), logits[0], rtol=1e-5, atol=1e-6)
+    assert train(corpus, again, "--max-iters", 1, "--eval-interval", 1, "--init-from", tuned / "ckpt.safetensors") == 0
+    # a training checkpoint is not an adapter file
     capsys.readouterr()
     assert sample_cli.main(["--checkpoint", str(base / "ckpt.safetensors"), "--adapter",
                             str(tuned / "ckpt.safetensors"), "--max-new-tokens", "1"], out=io_out()) == 1
