@@ -88,8 +88,9 @@ class LoRALinear(Module):
         if self.merged:
             return y
         h = F.dropout(x, self.dropout, self.training)
-        # (x A^T) B^T: two thin products, never the (out, in) update itself
-        return y + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        # (x A^T) B^T: two thin products, never the (out, in) update itself; scaled where it is
+        # rank wide, not out wide
+        return y + F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
 
     def merge(self):
         """Fold the adapter into the float weight (inference at a plain Linear's cost)."""
