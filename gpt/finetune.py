@@ -53,9 +53,9 @@ def describe_finetune(model, spec: Optional[LoRASpec], sft: Optional[SFTData]) -
     parts = []
     if spec is not None:
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)
-        total = sum(p.size for p in model.parameters())
+        total = model.config.num_parameters()  # the base model's (a packed int4 weight is not half as many)
         parts.append(f"LoRA rank {spec.rank} alpha {spec.alpha:g} on {spec.targets}, base {spec.base_dtype}: "
-                     f"{trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,})")
+                     f"{trainable:,} trainable parameters ({100 * trainable / total:.2f}% of the model's {total:,})")
     if sft is not None:
         parts.append(f"SFT: {len(sft.train):,} train / {len(sft.val):,} val examples, loss on responses only")
     return "; ".join(parts)
