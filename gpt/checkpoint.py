@@ -43,7 +43,8 @@ import numpy as np
 from . import strict_json
 from .atomic import atomic_write_bytes
 from .checkpoint_validate import (DTYPES, FORMAT, MAX_HEADER_BYTES, METADATA_KEY, CheckpointError, TensorSpec,
-                                  check_optimizer_meta, upgrade_optimizer_meta, corrupt, parse_header, parse_metadata,
+                                  check_optimizer_meta, upgrade_optimizer_meta, corrupt, model_tensor_shapes, parse_header,
+                                  parse_metadata,
                                   validate_model_meta, validate_training_meta)
 from .resources import ResourceError, check_fits
 
@@ -335,10 +336,13 @@ class TrainingState:
     # mixed precision (--dtype float16/bfloat16) only: the LossScaler's {"scale": float, "good_steps": int};
     # absent from float32 runs' checkpoints
     loss_scale: Optional[dict] = None
+    # LoRA runs only: the adapters' settings (gpt.lora.LoRASpec.to_dict()); the model tensors are then the
+    # frozen base's (quantized for an int8/int4 base) plus the adapters (gpt.lora.checkpoint_tensors)
+    lora: Optional[dict] = None
 
     def save(self, path, model, optimizer) -> Path:
         meta = {k: v for k, v in asdict(self).items()
-                if k != "optimizer" and not (k == "loss_scale" and v is None)}
+                if k != "optimizer" and not (k in ("loss_scale", "lora") and v is None)}
         return save_checkpoint(path, *pack_training_state(model, optimizer, meta))
 
     @classmethod
@@ -420,5 +424,6 @@ def read_model_weights(path: Source):
     with _open(path) as (f, size):
         meta, specs, base = _read_header(f, size, path)
         model_type, config, tokenizer = validate_model_meta(meta, path, specs)
-        weights = _read_tensors(f, specs, base, config.param_shapes(model_type), path)
+        names, _ = model_tensor_shapes(meta, config, model_type, path)  # a LoRA run's: base + adapters
+        weights = _read_tensors(f, specs, base, names, path)
     return model_type, config, tokenizer, weights, meta

@@ -28,7 +28,7 @@ from .resources import ResourceError, check_fits
 
 __all__ = ["CheckpointError", "TensorSpec", "DTYPES", "MAX_HEADER_BYTES", "FORMAT", "METADATA_KEY",
            "parse_header", "parse_metadata", "validate_model_meta", "validate_training_meta",
-           "check_model_tensors"]
+           "check_model_tensors", "model_tensor_shapes"]
 
 FORMAT = "tinytensor-ckpt-v2"  # v2: any optimizer's state; v1 (AdamW moments + "steps") is still read
 _READABLE = (FORMAT, "tinytensor-ckpt-v1")
@@ -219,21 +219,40 @@ def validate_model_meta(meta: dict, path, specs: Optional[dict] = None, copies: 
     except ResourceError as exc:
         raise CheckpointError(str(exc)) from None
     if specs is not None:
-        check_model_tensors(specs, config.param_shapes(model_type), path)
+        check_model_tensors(specs, *model_tensor_shapes(meta, config, model_type, path), path=path)
     tokenizer = _tokenizer(meta.get("tokenizer"), config.vocab_size, path)
     return model_type, config, tokenizer
 
 
-def check_model_tensors(specs: dict, expected: dict, path) -> None:
+def model_tensor_shapes(meta: dict, config, model_type: str, path) -> tuple[dict, set]:
+    """(name -> shape, names holding integers) of the model tensors a checkpoint must hold:
+    ``config.param_shapes``, or for a LoRA run's checkpoint (metadata ``lora``, validated here)
+    the frozen base (quantized or not) plus the adapters (``gpt.lora.checkpoint_tensors``)."""
+    if meta.get("lora") is None:
+        return config.param_shapes(model_type), set()
+    from .lora import LoRASpec, checkpoint_tensors, check_quantizable
+    try:
+        spec = LoRASpec.from_dict(meta["lora"])
+        if model_type != "gpt":
+            raise ValueError(f"LoRA adapts a gpt model, not {model_type!r}")
+        check_quantizable(config, spec)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its metadata field 'lora' is invalid ({exc}); {_EDITED}") from None
+    return checkpoint_tensors(config, spec)
+
+
+def check_model_tensors(specs: dict, expected: dict, integer=(), path="the checkpoint") -> None:
     """The weights in ``specs`` (all but ``optimizer.*``) must be exactly ``expected``
-    (name -> shape, e.g. ``GPTConfig.param_shapes()``), in a floating-point dtype."""
+    (name -> shape, e.g. ``GPTConfig.param_shapes()``), in a floating-point dtype (an integer
+    one for the names in ``integer``: a quantized base's blocks)."""
     weights = {n: s for n, s in specs.items() if not n.startswith("optimizer.")}
     problems = []
     missing = [n for n in expected if n not in weights]
     extra = [n for n in weights if n not in expected]
     wrong = [f"{n} {weights[n].shape} (expected {expected[n]})" for n in expected
              if n in weights and weights[n].shape != tuple(expected[n])]
-    not_float = [f"{n} ({weights[n].dtype})" for n in expected if n in weights and weights[n].dtype.kind != "f"]
+    not_float = [f"{n} ({weights[n].dtype})" for n in expected
+                 if n in weights and weights[n].dtype.kind not in ("iu" if n in integer else "f")]
     for label, items in (("missing weights", missing), ("unexpected tensors", extra),
                          ("wrong shapes", wrong), ("non-float weights", not_float)):
         if items:

@@ -20,6 +20,9 @@ from tinytensor.backend import BACKENDS
 from tinytensor.distributed import COMMUNICATORS
 from tinytensor.optim import COMPUTE_DTYPES
 
+from tinytensor.nn.lora import BASE_DTYPES
+
+from .lora import TARGETS as LORA_TARGETS, LoRASpec
 from .model import MODELS, GPTConfig, ModelOptions
 from .tokenizer import MAX_VOCAB, MIN_BPE_VOCAB, TOKENIZERS, TRAINED_TOKENIZERS
 
@@ -91,6 +94,21 @@ class TrainConfig(ModelOptions):
     beta1: float = _opt(0.9, "AdamW beta1, in [0, 1)")
     beta2: float = _opt(0.99, "AdamW beta2, in [0, 1)")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 disables clipping)")
+    # fine-tuning (gpt/finetune.py): LoRA adapters, a quantized frozen base, SFT data, recomputation
+    lora_rank: int = _opt(0, "LoRA: train rank-N adapters on --lora-targets, every other weight frozen "
+                             "(0: train every weight)", resume="keep")
+    lora_alpha: float = _opt(16.0, "LoRA: the adapters' update is scaled by alpha / rank", resume="keep")
+    lora_dropout: float = _opt(0.0, "LoRA: dropout on the adapters' input, in [0, 1)", resume="keep")
+    lora_targets: str = _opt("attn", "LoRA: the Linears of each block to adapt: attn (qkv and output projections), "
+                                     "mlp (both MLP layers) or all", resume="keep", choices=tuple(LORA_TARGETS))
+    lora_base: str = _opt("float32", "LoRA: the frozen base's adapted weights in float32, or int8/int4 blocks of 64 "
+                                     "inputs with a scale each (QLoRA-style, dequantized on the fly)",
+                          resume="keep", choices=BASE_DTYPES)
+    sft_data: Optional[str] = _opt(None, "SFT: a JSONL file of {\"prompt\", \"response\"} (or {\"messages\"}) "
+                                         "examples to train on instead of the text; loss on the responses only",
+                                   resume="local", metavar="PATH")
+    grad_checkpoint: bool = _opt(False, "recompute each block's forward in backward: far less activation memory "
+                                        "for about one more forward; identical gradients")
     # evaluation, logging, checkpoints
     eval_interval: int = _opt(250, "evaluate, sample and save every this many steps")
     eval_iters: int = _opt(20, "batches per split in each evaluation")
@@ -168,6 +186,18 @@ class TrainConfig(ModelOptions):
         if self.tokenizer not in TRAINED_TOKENIZERS and self.init_from is None and not self.resume:
             raise ValueError(f"--tokenizer {self.tokenizer} comes with a model: pass --init-from PATH (a GPT-2 "
                              f"folder), or choose one made from the text: {', '.join(TRAINED_TOKENIZERS)}")
+        if self.lora_rank:
+            try:
+                LoRASpec(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                         targets=self.lora_targets, base_dtype=self.lora_base)
+            except ValueError as exc:
+                raise ValueError(f"--lora-rank/--lora-alpha/--lora-dropout: {exc}") from None
+            if self.dtype != "float32":
+                raise ValueError(f"--lora-rank with --dtype {self.dtype} is not supported yet; use --dtype float32")
+            if self.model != "gpt":
+                raise ValueError(f"--lora-rank adapts the GPT's Linear layers; the {self.model} model has none")
+        elif self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be 0 (off) or at least 1, got {self.lora_rank}")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it: choose one")
         return self

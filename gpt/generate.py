@@ -169,12 +169,15 @@ class KVCache:
         return F.cached_attention(qkv, self.keys[layer], self.values[layer], self.length, n_head)
 
 
-def load_model(path, backend: str = "numpy"):
+def load_model(path, backend: str = "numpy", adapter=None):
     """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train`` or a Hugging Face
     GPT-2 folder or file (gpt.pretrained), for inference. ``path`` may also be a
     ``gpt.checkpoint.InMemoryCheckpoint`` (an upload's bytes).
 
     >>> model, tokenizer, meta = load_model("out/ckpt.safetensors")  # doctest: +SKIP
+
+    ``adapter``: a LoRA adapter file to apply to this (base) checkpoint; adapters, from the
+    file or a LoRA run's checkpoint, are merged into plain Linear layers for decoding.
 
     The header and metadata are validated first (nothing is allocated for a bad
     file); then only the model's weights are read (never the optimizer's moments),
@@ -182,5 +185,10 @@ def load_model(path, backend: str = "numpy"):
     """
     from .pretrained import open_pretrained
 
-    src = open_pretrained(path)
-    return src.build(backend), src.tokenizer, src.meta
+    src = open_pretrained(path)  # (a LoRA run's checkpoint: its adapters come merged into the base)
+    model = src.build("numpy")
+    if adapter is not None:
+        from .lora import fold_lora, load_adapter
+        load_adapter(model, adapter)
+        fold_lora(model)  # plain Linears again: decoding costs what the base's does
+    return model.to(backend), src.tokenizer, src.meta

@@ -304,6 +304,8 @@ class GPT(nn.Module):
         if not config.tie_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
+        # --grad-checkpoint: each block keeps only its input and recomputes its forward in backward
+        self.grad_checkpoint = False
 
     def _init_weights(self):
         """GPT-2 initialisation: N(0, 0.02), zero biases, and the projections that
@@ -347,7 +349,10 @@ class GPT(nn.Module):
             rope = rope_tables(pos, self.config.n_embd // self.config.n_head, x.xp, x.dtype)
         x = tr.drop(x)
         for layer, block in enumerate(tr.h):
-            x = block(x, cache, layer, rope)
+            if self.grad_checkpoint and cache is None:
+                x = tt.checkpoint(block, x, rope=rope)
+            else:
+                x = block(x, cache, layer, rope)
         if cache is not None:
             cache.advance(T)
         x = tr.ln_f(x)
@@ -368,9 +373,10 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), eps=1e-8):
         """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not on
-        biases and LayerNorm gains, as nanoGPT."""
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        biases and LayerNorm gains, as nanoGPT. Frozen parameters (LoRA's base) get no state."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return tt.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=eps)

@@ -22,11 +22,11 @@ def build_optimizer(model, cfg: C.TrainConfig):
     if cfg.optimizer == "adamw":
         return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas)
     blocks = getattr(getattr(model, "transformer", None), "h", None)
-    hidden = [p for p in blocks.parameters() if p.ndim == 2] if blocks is not None else []
+    hidden = [p for p in blocks.parameters() if p.ndim == 2 and p.requires_grad] if blocks is not None else []
     if not hidden:
         raise UsageError(f"--optimizer muon needs hidden matrices (--model gpt); the {cfg.model} model has none")
     in_muon = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in in_muon]
+    rest = [p for p in model.parameters() if id(p) not in in_muon and p.requires_grad]  # (LoRA: frozen base out)
     groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
     adamw = tt.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=betas)

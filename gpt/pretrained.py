@@ -79,7 +79,11 @@ def _our_checkpoint(path: Path) -> Optional[Pretrained]:
     model_type, config, tokenizer = validate_model_meta(meta, path, specs)
 
     def read():
-        return read_model_weights(path)[3]
+        weights = read_model_weights(path)[3]
+        if meta.get("lora") is not None:  # a LoRA run's: its adapters merged into the base (gpt.lora)
+            from .lora import merged_weights
+            weights = merged_weights(weights, config, meta["lora"])
+        return weights
     return Pretrained(path, "checkpoint", model_type, config, tokenizer, meta, read)
 
 

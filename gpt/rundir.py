@@ -42,6 +42,7 @@ class RunDir:
         self.best = self.path / "ckpt_best.safetensors"
         self.metrics = self.path / "metrics.jsonl"
         self.plot = self.path / "loss.png"
+        self.adapter = self.path / "adapter.safetensors"  # LoRA runs: the adapters alone
         self._lock = self.path / ".lock"
 
     @contextlib.contextmanager
@@ -77,7 +78,7 @@ class RunDir:
 
     def checkpoints(self):
         """The checkpoints present (a symlink counts: replacing it would still lose what it names)."""
-        return [p for p in (self.ckpt, self.best) if p.is_file() or p.is_symlink()]
+        return [p for p in (self.ckpt, self.best, self.adapter) if p.is_file() or p.is_symlink()]
 
     def check_fresh(self, overwrite: bool) -> None:
         """A new run starts here: refuse if another run's checkpoints are here, unless told to

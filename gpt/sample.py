@@ -28,6 +28,7 @@ from .checkpoint import CheckpointError
 from .generate import check_sampling_args, load_model
 from .config import number_arg
 from .quantize import QUANTIZATIONS, numba_available, quantize_int8, weight_bytes
+from .sft import END, TEMPLATES, render_prompt
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 
@@ -70,6 +71,12 @@ def build_parser():
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="int8: int8 weights with one scale per row for the blocks' matrices and the embedding/head "
                         "(a quarter of the memory; faster decoding with the numba extra) (default: %(default)s)")
+    p.add_argument("--adapter", metavar="PATH", default=None,
+                   help="a LoRA adapter file (adapter.safetensors of a gpt.train --lora-rank run) to apply to the "
+                        "checkpoint, which must be the base it was trained on (default: none)")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="wrap the prompt as SFT training did (qa: 'Q: <prompt>\\nA:') and stop at the answer's end "
+                        "(default: plain continuation)")
     p.add_argument("--no-kv-cache", "--no_kv_cache", dest="kv_cache", action="store_false",
                    help="recompute the whole context for every token (slower; for comparison)")
     return p
@@ -135,7 +142,9 @@ def _finish_output(out) -> None:
 def generate(args, out) -> None:
     """Load the checkpoint and write ``args.num_samples`` samples to ``out``."""
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
-    model, tokenizer, meta = load_model(args.checkpoint, args.backend)
+    if args.template:
+        prompt = render_prompt(prompt.strip("\n"))
+    model, tokenizer, meta = load_model(args.checkpoint, args.backend, adapter=args.adapter)
     if args.quantize == "int8":
         before = weight_bytes(model)
         quantize_int8(model)
@@ -159,12 +168,16 @@ def generate(args, out) -> None:
     for i in range(args.num_samples):
         decoder = tokenizer.stream_decoder()
         out.write(prompt)
-        t0, n = time.perf_counter(), 0
+        t0, n, tail = time.perf_counter(), 0, ""
         for token in model.generate_stream(np.array([ids]), args.max_new_tokens, args.temperature,
                                            args.top_k, args.top_p, args.kv_cache, args.seed + i):
-            out.write(decoder.feed(int(token[0])))
+            piece = decoder.feed(int(token[0]))
+            out.write(piece)
             out.flush()  # stream: a reader sees each token as it is made
             n += 1
+            tail = (tail + piece)[-len(END):] if args.template else ""
+            if args.template and tail == END:  # the answer is complete
+                break
         out.write(decoder.flush() + "\n")
         if i + 1 < args.num_samples:
             out.write(SEPARATOR)

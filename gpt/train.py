@@ -21,6 +21,7 @@ from .data import DataError
 from .distributed import connect_ranks, fail
 from .resources import ResourceError
 from .rundir import RunDir, RunDirError
+from .sft import SFTError
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
 from .config import UsageError
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                 return Trainer(cfg, run, resumed, init, comm).run(stop)
     except (UsageError, RunDirError, ResourceError) as exc:
         return fail(comm, f"error: {exc}", EXIT_USAGE)
-    except (DataError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
+    except (DataError, SFTError, CheckpointError, TrainingError, TokenizerError, tt.BackendError) as exc:
         return fail(comm, f"error: {exc}", 1, all_ranks=isinstance(exc, LossNotFiniteError))
     except OSError as exc:  # disk full, --out-dir not writable, ...: save_checkpoint keeps the old file
         return fail(comm, f"error: {exc}; the last checkpoint written (if any) is intact", 1)

@@ -22,6 +22,8 @@ from .config import UsageError
 from .atomic import atomic_write_bytes
 from .checkpoint import CheckpointError, TrainingState, weights_are_finite
 from .distributed import DataParallel, QuietLog
+from .finetune import describe_finetune, load_sft, prepare_model
+from .lora import save_adapter
 from .data import SHAKESPEARE_SHA256, DataError, find_prepared, get_batch, prepare, resolve_data_dir
 from .model import MODELS, GPTConfig
 from .resources import check_fits
@@ -120,6 +122,8 @@ class Trainer:
         if init is not None:  # --init-from (a gpt.pretrained.Pretrained): its weights, a fresh optimizer
             load_initial_weights(self.model, init)
             self.log(f"initialised from {init.path} ({init.kind})")
+        self.lora = prepare_model(self.model, cfg)  # LoRA adapters (base frozen), --grad-checkpoint
+        self.sft = load_sft(cfg, self.data.tokenizer, resumed)  # --sft-data: its batches replace the text's
         self.optimizer = build_optimizer(self.model, cfg)
         self.peak_lrs = [g["lr"] for g in self.optimizer.param_groups]  # each group's schedule peaks there
         # --dtype float16/bfloat16: forward and backward on a low-precision copy (None: float32)
@@ -201,11 +205,15 @@ class Trainer:
         TrainingState(
             model_type=self.cfg.model, model_config=self.model_config.to_dict(),
             train_config=dataclasses.asdict(self.cfg), tokenizer=self.data.tokenizer.to_json(),
-            data={"name": self.data.name, "source_sha256": self.data.meta["source_sha256"]}, step=self.step,
+            data={"name": self.data.name, "source_sha256": self.data.meta["source_sha256"],
+                  **({"sft_sha256": self.sft.sha256} if self.sft else {})}, step=self.step,
             best_val_loss=self.best_val if math.isfinite(self.best_val) else None, elapsed_s=self.elapsed,
             rng={"batches": self.batch_rng.bit_generator.state, "tinytensor": tt.get_rng_state()},
             loss_scale=None if self.mixed is None else self.mixed.scaler.state_dict(),
+            lora=None if self.lora is None else self.lora.to_dict(),
         ).save(path or self.run_dir.ckpt, self.model, self.optimizer)
+        if self.lora is not None and path is None:  # the adapters alone, to apply to the base (gpt.sample --adapter)
+            save_adapter(self.run_dir.adapter, self.model, self.lora, self.cfg.model)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self):
@@ -215,17 +223,24 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, self.step, 1])
         self.compute_model.eval()
         with tt.no_grad():
-            for split, data in (("train", self.data.train), ("val", self.data.val)):
-                losses = [self.compute_model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].item()
+            for split in ("train", "val"):
+                losses = [self.compute_model(*self.batch(split, cfg.batch_size, rng))[1].item()
                           for _ in range(cfg.eval_iters)]
                 out[split] = float(np.mean(losses))
         self.compute_model.train()
         return out
 
+    def batch(self, split, n, rng):
+        """(x, y) of n sequences from the split: windows of the text, or SFT examples (targets of
+        prompts and padding ignored)."""
+        if self.sft is not None:
+            return self.sft.batch(split, n, rng)
+        return get_batch(getattr(self.data, split), n, self.cfg.block_size, rng)
+
     def sample_text(self, n_tokens):
         tok = self.data.tokenizer
         try:
-            prompt = tok.encode("\n")
+            prompt = tok.encode(self.sft.sample_prompt if self.sft else "\n")
         except TokenizerError:
             prompt = [0]
         # from the float32 master weights, whatever --dtype
@@ -254,8 +269,7 @@ class Trainer:
         lrs = [self.lr_at(self.step, peak) for peak in self.peak_lrs]
         # all micro-batches (of all ranks) drawn at once: grad_accum N is exactly an N-times batch,
         # and so are N ranks; each rank trains on its share
-        x, y = get_batch(self.data.train, self.parallel.global_batch_size(cfg.batch_size) * cfg.grad_accum,
-                         cfg.block_size, self.batch_rng)
+        x, y = self.batch("train", self.parallel.global_batch_size(cfg.batch_size) * cfg.grad_accum, self.batch_rng)
         x, y = self.parallel.local_batch(x, y, cfg.grad_accum)
         loss = train_step(self.model, self.optimizer, x, y, lrs, cfg.grad_accum, cfg.grad_clip, self.mixed,
                           self.parallel.grad_sync())
@@ -272,6 +286,8 @@ class Trainer:
         self.log(f"{cfg.model}: {self.model.num_parameters() / 1e6:.2f}M parameters, vocab {self.data.vocab_size}, "
                  f"backend {cfg.backend}{dtype}{self.parallel.describe()}, dataset {self.data.name}, "
                  f"{cfg.max_iters} steps")
+        if self.lora is not None or self.sft is not None:
+            self.log(describe_finetune(self.model, self.lora, self.sft))
         tokens_per_step = self.parallel.global_batch_size(cfg.batch_size) * cfg.grad_accum * cfg.block_size
         evaluated_at = self.step if cfg.resume else None  # the checkpoint's step was evaluated
         self.runlog.open(self.run_dir, self.step, resumed=cfg.resume)

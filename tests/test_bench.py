@@ -73,3 +73,17 @@ def test_sides_take_turns_in_alternating_order():
 def test_machine_names_the_cpu_and_threads():
     info = common.machine()
     assert info["cpu"] and info["cores"] >= 1 and "numpy_blas" in info["threads"]
+
+
+def test_finetune_quick_reports_fields():
+    from bench import finetune
+    r = finetune.main(["--quick", "--no-memory", "--variants", "full,full+ckpt,lora8,qlora8-int4"])
+    assert set(r["variants"]) == {"full", "full+ckpt", "lora8", "qlora8-int4"}
+    assert all(v["median_ms"] > 0 and v["time_ratio"] > 0 for v in r["variants"].values())
+    cfg, batch = common.model_config("tiny")
+    v = finetune.Variant("qlora8-int4", cfg)
+    v.step(*next(train_step.batches(cfg, batch, 1)))
+    sizes = v.sizes()
+    assert 0 < sizes["trainable"] < sizes["parameters"]
+    # two float32 moments, for the adapters only
+    assert abs(sizes["optimizer_state_mb"] * 2**20 - 2 * 4 * sizes["trainable"]) <= 0.001 * 2**20

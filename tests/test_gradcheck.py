@@ -364,6 +364,22 @@ def test_linear(backend_name, lead, n_in, n_out, has_bias, seed):
     check_grad(lambda a, b, *c: F.linear(a, b, *c), x, w, *params, backend_name=backend_name)
 
 
+@SETTINGS
+@given(lead=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3), blocks=st.integers(1, 3),
+       block=st.sampled_from([2, 4]), n_out=st.integers(1, 4), bits=st.sampled_from([8, 4]),
+       has_bias=st.booleans(), seed=SEEDS)
+@example(lead=(2, 3), blocks=2, block=4, n_out=3, bits=4, has_bias=True, seed=0)
+def test_quantized_linear(backend_name, lead, blocks, block, n_out, bits, has_bias, seed):
+    """The weight is a frozen constant (no gradient): x's and the bias's are checked."""
+    from tinytensor.ops.quant import quantize_blockwise
+    xp = tt.backend.get_xp(backend_name)
+    n_in = blocks * block
+    q, scale = quantize_blockwise(xp.asarray(normal(seed + 1, (n_out, n_in)).astype(np.float32)), bits, block)
+    params = [normal(seed + 2, (n_out,))] if has_bias else []
+    check_grad(lambda a, *c: F.quantized_linear(a, q, scale, bits, block, *c), normal(seed, lead + (n_in,)), *params,
+               backend_name=backend_name)
+
+
 @st.composite
 def attention_case(draw):
     batch = draw(hnp.mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=2, min_side=1, max_side=3))
@@ -430,6 +446,7 @@ CASES = {
     "embedding": (test_embedding, test_embedding_repeated_rows_add_up),
     "dropout": test_dropout,
     "linear": test_linear,
+    "quantized_linear": test_quantized_linear,
     "scaled_dot_product_attention": test_scaled_dot_product_attention,
     "multi_head_attention": test_multi_head_attention,
 }

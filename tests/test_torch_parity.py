@@ -96,6 +96,19 @@ def _torch_mha(n_head, causal=True):
     return fn
 
 
+def _quantized(bits):
+    from tinytensor.ops.quant import quantize_blockwise
+    return quantize_blockwise(np.random.default_rng(bits).standard_normal((5, 8)).astype(np.float32), bits, 4)
+
+
+def _dequantized(qs, bits, block, like):
+    from tinytensor.ops.quant import dequantize_blockwise
+    return torch.from_numpy(dequantize_blockwise(*qs, bits, block, np.float64)).to(like.dtype)
+
+
+_Q8, _Q4 = _quantized(8), _quantized(4)
+
+
 def _sdpa(causal, **kw):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, **kw)
 
@@ -276,6 +289,12 @@ CASES: dict[str, list[Case]] = {
         Case("no_bias", normal_inputs((6, 4), (3, 4)), F.linear, TF.linear),
         Case("vector_in", normal_inputs((4,), (2, 4), (2,)), F.linear, TF.linear),
         Case("size1", normal_inputs((1, 1, 3), (1, 3), (1,)), F.linear, TF.linear),
+    ],
+    "quantized_linear": [  # against torch's linear with the weight dequantized (the frozen constant)
+        Case("int8_bias", normal_inputs((2, 3, 8), (5,)), lambda x, b: F.quantized_linear(x, *_Q8, 8, 4, b),
+             lambda x, b: TF.linear(x, _dequantized(_Q8, 8, 4, x), b)),
+        Case("int4", normal_inputs((6, 8)), lambda x: F.quantized_linear(x, *_Q4, 4, 4),
+             lambda x: TF.linear(x, _dequantized(_Q4, 4, 4, x))),
     ],
     "scaled_dot_product_attention": [
         Case("causal", normal_inputs((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)), _sdpa(True),

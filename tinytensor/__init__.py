@@ -9,6 +9,7 @@
 (4, 3)
 """
 from . import backend, functional, ops  # noqa: F401  (importing ops registers the primitives)
+from .checkpointing import checkpoint
 from .backend import BackendError, cupy_available, get_rng_state, manual_seed, set_rng_state
 from .functional import cat, stack, where
 from .tensor import (PRIMITIVES, Tensor, arange, enable_grad, full, is_grad_enabled, no_grad, ones, rand,
@@ -17,4 +18,5 @@ from . import kernels, nn, optim, testing  # noqa: E402
 
 __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "randn", "rand", "arange", "no_grad", "enable_grad",
            "is_grad_enabled", "cat", "stack", "where", "manual_seed", "get_rng_state", "set_rng_state",
-           "BackendError", "cupy_available", "PRIMITIVES", "nn", "optim", "functional", "testing", "kernels"]
+           "BackendError", "checkpoint", "cupy_available", "PRIMITIVES", "nn", "optim", "functional", "testing",
+           "kernels"]

@@ -21,6 +21,7 @@ from . import backend
 from .ops import attention as A
 from .ops import basic as P
 from .ops import fused as N
+from .ops import quant as Q
 from .tensor import DEFAULT_DTYPE, Tensor, _is_float
 
 
@@ -262,6 +263,12 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 def linear(x, weight, bias=None):
     """x @ weight.T + bias, with weight (out_features, in_features)."""
     return N.Linear.apply(x, weight, *([bias] if bias is not None else []))
+
+
+def quantized_linear(x, q, scale, bits, block, bias=None):
+    """x @ W.T + bias with W the frozen weight ``tinytensor.ops.quant.quantize_blockwise`` stored
+    as (q, scale): dequantized on the fly, no gradient for it."""
+    return Q.QuantizedLinear.apply(x, *([bias] if bias is not None else []), q=q, scale=scale, bits=bits, block=block)
 
 
 def embedding(idx, weight):
