@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import config as C
-from .checkpoint import CheckpointError, read_checkpoint_metadata, read_model_weights, weights_are_finite
+from .checkpoint import CheckpointError, InMemoryCheckpoint, read_checkpoint_metadata, read_model_weights, weights_are_finite
 from .config import UsageError
 from .model import GPTConfig
 
@@ -73,7 +73,7 @@ def _our_checkpoint(path: Path) -> Optional[Pretrained]:
     try:
         meta, specs = read_checkpoint_metadata(path)
     except CheckpointError as exc:
-        if "was not written by gpt.train" in str(exc) and path.suffix == ".safetensors":
+        if "was not written by gpt.train" in str(exc) and isinstance(path, Path) and path.suffix == ".safetensors":
             return None  # a safetensors file without our metadata: maybe Hugging Face's
         raise
     model_type, config, tokenizer = validate_model_meta(meta, path, specs)
@@ -91,6 +91,8 @@ def open_pretrained(path) -> Pretrained:
     """Our checkpoint, or a Hugging Face GPT-2 folder (config.json, model.safetensors and the
     tokenizer's files) or its model.safetensors; header, config and tokenizer validated, no
     weights read yet. Raises CheckpointError (what was wrong and what to do)."""
+    if isinstance(path, InMemoryCheckpoint):  # an upload's bytes (gpt.serve): only our own format
+        return _our_checkpoint(path)
     path = Path(path).expanduser()
     if path.is_file():
         src = _our_checkpoint(path)
