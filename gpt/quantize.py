@@ -21,6 +21,7 @@ import numpy as np
 
 import tinytensor as tt
 from tinytensor import nn
+from tinytensor.ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["QUANTIZATIONS", "quantize_rows", "dequantize_rows", "int8_matmul", "Int8Linear", "Int8Embedding",
            "quantize_int8", "weight_bytes", "numba_available"]
@@ -31,17 +32,14 @@ KERNEL_MAX_ROWS = 8  # activations rows up to which the Numba kernel beats dequa
 
 
 def quantize_rows(w):
-    """(int8 q, float32 scale) with w ~= q * scale[:, None], one scale per row of w (out, in)."""
-    xp = tt.backend.xp_of(w)
-    w = w.astype(xp.float32)
-    scale = xp.abs(w).max(axis=1) / 127.0
-    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)  # an all-zero row: any scale, q = 0
-    q = xp.clip(xp.rint(w / scale[:, None]), -127, 127).astype(xp.int8)
-    return q, scale
+    """(int8 q, float32 scale) with w ~= q * scale[:, None], one scale per row of w (out, in):
+    the QLoRA bases' blockwise int8 (tinytensor.ops.quant) with one block per row."""
+    q, scale = quantize_blockwise(w, bits=8, block=w.shape[1])
+    return q, scale[:, 0]
 
 
 def dequantize_rows(q, scale):
-    return q.astype(scale.dtype) * scale[:, None]
+    return dequantize_blockwise(q, scale[:, None], 8, q.shape[1])
 
 
 # -- the products ---------------------------------------------------------------------------------------------
