@@ -14,7 +14,6 @@ if __name__ == "__main__":  # before the heavy imports: a Ctrl-C while NumPy loa
 
 import argparse
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from tinytensor.backend import BACKENDS
 from .checkpoint import CheckpointError
 from .generate import check_sampling_args, load_model
 from .config import number_arg
+from .files import read_regular_file
 from .quantize import QUANTIZATIONS, numba_available, quantize_int8, weight_bytes
 from .sft import END, TEMPLATES, render_prompt
 from .signals import EXIT_INTERRUPTED, StopRequest
@@ -34,7 +34,7 @@ from .tokenizer import TokenizerError
 
 MAX_NEW_TOKENS = 1_000_000
 MAX_NUM_SAMPLES = 1000
-MAX_PROMPT_BYTES = 16 << 20  # longer prompts are cut to block_size tokens anyway
+MAX_PROMPT_BYTES = 16 << 20
 SEPARATOR = "---------------\n"
 
 
@@ -94,28 +94,8 @@ def _note(msg: str) -> None:
 def read_prompt_file(name: str) -> str:
     """The text of a prompt file; ValueError with the reason for anything but a UTF-8 text file."""
     path = Path(name)
-    try:
-        # O_NONBLOCK: a FIFO must not hang the open (regular files ignore the flag)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ValueError(f"--prompt-file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"--prompt-file {path} is a directory; pass a text file") from None
-    except OSError as exc:
-        raise ValueError(f"--prompt-file {path} cannot be read: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode  # (Linux opens a directory read-only without complaint)
-        if stat.S_ISDIR(mode):
-            raise ValueError(f"--prompt-file {path} is a directory; pass a text file")
-        if not stat.S_ISREG(mode):  # /dev/zero would be read forever
-            raise ValueError(f"--prompt-file {path} is not a regular file; pass a text file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_PROMPT_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_PROMPT_BYTES:
-        raise ValueError(f"--prompt-file {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB; only the last "
-                         "block_size tokens are used, so pass a shorter file")
+    # longer prompts are cut to block_size tokens anyway: a bigger file is a mistake
+    data = read_regular_file(path, MAX_PROMPT_BYTES, "--prompt-file", "a text file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

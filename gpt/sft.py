@@ -20,14 +20,13 @@ name the file and line number. Text the tokenizer cannot encode is an error on i
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import strict_json
+from .files import read_regular_file
 from .tokenizer import TokenizerError
 
 # the template: plain characters that a character-level Tiny Shakespeare vocabulary has
@@ -103,23 +102,9 @@ def read_jsonl(path) -> tuple[list[dict], str]:
     """(validated examples, the file's sha256). SFTError on anything else."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang the open
-    except FileNotFoundError:
-        raise SFTError(f"--sft-data {path} does not exist") from None
-    except OSError as exc:
-        raise SFTError(f"--sft-data {path} cannot be read: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # a directory, a FIFO, /dev/zero
-            raise SFTError(f"--sft-data {path} is not a regular file; pass a .jsonl file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise SFTError(f"--sft-data {path} is {info.st_size:,} bytes; at most {MAX_FILE_BYTES:,} are accepted")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_FILE_BYTES:
-        raise SFTError(f"--sft-data {path} grew past {MAX_FILE_BYTES:,} bytes while being read")
+        raw = read_regular_file(path, MAX_FILE_BYTES, "--sft-data", "a .jsonl file")
+    except ValueError as exc:
+        raise SFTError(str(exc)) from None
     examples = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path} line {number}"

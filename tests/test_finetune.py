@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -312,8 +313,11 @@ def test_sft_file_errors(tmp_path):
     (tmp_path / "bytes.jsonl").write_bytes(b'{"prompt": "\xff", "response": "x"}\n')
     with pytest.raises(S.SFTError, match="line 1: not UTF-8"):
         S.read_jsonl(tmp_path / "bytes.jsonl")
-    with pytest.raises(S.SFTError, match="is not a regular file"):
+    with pytest.raises(S.SFTError, match="is a directory; pass a .jsonl file"):
         S.read_jsonl(tmp_path)
+    os.mkfifo(tmp_path / "fifo")  # the shared bounded reader (gpt.files): never blocks on a FIFO
+    with pytest.raises(S.SFTError, match="is not a regular file"):
+        S.read_jsonl(tmp_path / "fifo")
     path = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "a", "response": "\u00e9t\u00e9"}])
     with pytest.raises(S.SFTError, match="example 1: the model's tokenizer cannot encode it"):
         S.SFTData.load(path, TOKENIZER, 16)
