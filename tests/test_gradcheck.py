@@ -380,6 +380,31 @@ def test_quantized_linear(backend_name, lead, blocks, block, n_out, bits, has_bi
                backend_name=backend_name)
 
 
+@SETTINGS
+@given(lead=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=3), n_in=st.sampled_from([2, 4]),
+       n_out=st.integers(1, 4), rank=st.integers(1, 3), base=st.sampled_from(["float", "int8", "int4"]),
+       has_bias=st.booleans(), p=st.sampled_from([0.0, 0.5]), seed=SEEDS)
+@example(lead=(2, 3), n_in=4, n_out=3, rank=2, base="float", has_bias=True, p=0.0, seed=0)
+@example(lead=(2, 3), n_in=4, n_out=3, rank=2, base="int4", has_bias=False, p=0.5, seed=1)
+def test_lora_linear(backend_name, lead, n_in, n_out, rank, base, has_bias, p, seed):
+    """x, lora_A, lora_B, a float weight (when there is one) and the bias are all checked; a
+    quantized weight is a constant."""
+    from tinytensor.ops.quant import quantize_blockwise
+    xp = tt.backend.get_xp(backend_name)
+    w = normal(seed + 1, (n_out, n_in))
+    quant = None if base == "float" else (*quantize_blockwise(xp.asarray(w.astype(np.float32)), 8 if base == "int8" else 4, 2),
+                                          8 if base == "int8" else 4, 2)
+    weights = [w] if quant is None else []
+    bias = [normal(seed + 4, (n_out,))] if has_bias else []
+
+    def fn(x, a, b, *rest):
+        tt.manual_seed(seed)  # the same dropout mask for every evaluation
+        return F.lora_linear(x, rest[0] if quant is None else None, a, b, rest[-1] if has_bias else None,
+                             scaling=1.5, dropout=p, quant=quant)
+    check_grad(fn, normal(seed, lead + (n_in,)), normal(seed + 2, (rank, n_in)), normal(seed + 3, (n_out, rank)),
+               *weights, *bias, backend_name=backend_name)
+
+
 @st.composite
 def attention_case(draw):
     batch = draw(hnp.mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=2, min_side=1, max_side=3))
@@ -447,6 +472,7 @@ CASES = {
     "dropout": test_dropout,
     "linear": test_linear,
     "quantized_linear": test_quantized_linear,
+    "lora_linear": test_lora_linear,
     "scaled_dot_product_attention": test_scaled_dot_product_attention,
     "multi_head_attention": test_multi_head_attention,
 }

@@ -21,6 +21,7 @@ from . import backend
 from .ops import attention as A
 from .ops import basic as P
 from .ops import fused as N
+from .ops import lora as L
 from .ops import quant as Q
 from .tensor import DEFAULT_DTYPE, Tensor, _is_float
 
@@ -269,6 +270,16 @@ def quantized_linear(x, q, scale, bits, block, bias=None):
     """x @ W.T + bias with W the frozen weight ``tinytensor.ops.quant.quantize_blockwise`` stored
     as (q, scale): dequantized on the fly, no gradient for it."""
     return Q.QuantizedLinear.apply(x, *([bias] if bias is not None else []), q=q, scale=scale, bits=bits, block=block)
+
+
+def lora_linear(x, weight, lora_A, lora_B, bias=None, scaling=1.0, dropout=0.0, training=True, quant=None):
+    """x @ W.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T, fused (see ``tinytensor.ops.lora``).
+    W is ``weight`` (a Tensor), or None with ``quant=(q, scale, bits, block)`` for a quantized base."""
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout}")
+    base = ([weight] if weight is not None else []) + ([bias] if bias is not None else [])
+    return L.LoraLinear.apply(x, lora_A, lora_B, *base, scaling=scaling, p=dropout if training else 0.0,
+                              has_weight=weight is not None, has_bias=bias is not None, quant=quant)
 
 
 def embedding(idx, weight):

@@ -81,16 +81,14 @@ class LoRALinear(Module):
         return backend.matmul(self.lora_B.data, self.lora_A.data) * np.float32(self.scaling)
 
     def forward(self, x):
-        if self.base_dtype == "float32":
-            y = F.linear(x, self.weight, self.bias)
-        else:
-            y = F.quantized_linear(x, self.weight_q.data, self.weight_scale.data, self.bits, self.block, self.bias)
-        if self.merged:
-            return y
-        h = F.dropout(x, self.dropout, self.training)
-        # (x A^T) B^T: two thin products, never the (out, in) update itself; scaled where it is
-        # rank wide, not out wide
-        return y + F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
+        if self.merged:  # (only a float base merges)
+            return F.linear(x, self.weight, self.bias)
+        # one fused primitive: (x A^T) B^T as two thin products, never the (out, in) update itself,
+        # added into the base's output in place (composed, it kept two more (tokens, out) arrays)
+        quant = None if self.base_dtype == "float32" else (self.weight_q.data, self.weight_scale.data, self.bits,
+                                                           self.block)
+        return F.lora_linear(x, self.weight if quant is None else None, self.lora_A, self.lora_B, self.bias,
+                             self.scaling, self.dropout, self.training, quant=quant)
 
     def merge(self):
         """Fold the adapter into the float weight (inference at a plain Linear's cost)."""
