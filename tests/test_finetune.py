@@ -413,3 +413,28 @@ def test_bad_finetune_options(corpus, tmp_path, capsys, args, message):
         pytest.fail("accepted")
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_layer_equals_its_composed_form(dropout):
+    """F.lora_linear (one primitive) against linear + dropout + two thin linears, same mask draws:
+    outputs and every gradient."""
+    tt.manual_seed(3)
+    layer = LoRALinear(tt.nn.Linear(6, 5), rank=2, alpha=3.0, dropout=dropout)
+    layer.lora_B.data[...] = np.random.default_rng(1).normal(size=layer.lora_B.shape)
+    x0 = np.random.default_rng(2).normal(size=(2, 4, 6)).astype(np.float32)
+    results = []
+    for fused in (True, False):
+        tt.manual_seed(7)
+        x = tt.Tensor(x0, requires_grad=True)
+        if fused:
+            y = layer(x)
+        else:
+            h = F.dropout(x, dropout, True)
+            y = F.linear(x, layer.weight, layer.bias) + F.linear(F.linear(h, layer.lora_A) * layer.scaling, layer.lora_B)
+        (y * y).sum().backward()
+        results.append([y.numpy(), x.grad.copy(), layer.lora_A.grad.copy(), layer.lora_B.grad.copy()])
+        layer.lora_A.grad = layer.lora_B.grad = None
+    assert layer.weight.grad is None
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
