@@ -296,6 +296,14 @@ CASES: dict[str, list[Case]] = {
         Case("int4", normal_inputs((6, 8)), lambda x: F.quantized_linear(x, *_Q4, 4, 4),
              lambda x: TF.linear(x, _dequantized(_Q4, 4, 4, x))),
     ],
+    "lora_linear": [  # against torch's linear plus the two thin products (the composed LoRA layer)
+        Case("float_bias", normal_inputs((2, 3, 8), (5, 8), (2, 8), (5, 2), (5,)),
+             lambda x, w, a, b, c: F.lora_linear(x, w, a, b, c, scaling=1.5),
+             lambda x, w, a, b, c: TF.linear(x, w, c) + 1.5 * TF.linear(TF.linear(x, a), b)),
+        Case("int4", normal_inputs((6, 8), (3, 8), (5, 3)),
+             lambda x, a, b: F.lora_linear(x, None, a, b, scaling=0.5, quant=(*_Q4, 4, 4)),
+             lambda x, a, b: TF.linear(x, _dequantized(_Q4, 4, 4, x)) + 0.5 * TF.linear(TF.linear(x, a), b)),
+    ],
     "scaled_dot_product_attention": [
         Case("causal", normal_inputs((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)), _sdpa(True),
              lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True)),
