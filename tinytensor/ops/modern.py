@@ -115,7 +115,7 @@ class Swiglu(Function):
         xp = xp_of(h)
         self.h2 = _f32(h)
         gate, up = self.h2[..., :H], self.h2[..., H:]
-        s = 1.0 / (1.0 + xp.exp(-gate))
+        s = 0.5 + 0.5 * xp.tanh(0.5 * gate)  # sigmoid, with no overflow for large |gate|
         return (gate * s * up).astype(self.dtype, copy=False)
 
     def backward(self, g):
@@ -128,7 +128,7 @@ class Swiglu(Function):
         xp = xp_of(g)
         g32 = _f32(g)
         gate, up = self.h2[..., :H], self.h2[..., H:]
-        s = 1.0 / (1.0 + xp.exp(-gate))
+        s = 0.5 + 0.5 * xp.tanh(0.5 * gate)  # sigmoid, with no overflow for large |gate|
         return xp.concatenate([g32 * up * s * (1 + gate * (1 - s)), g32 * gate * s], axis=-1).astype(self.dtype,
                                                                                                        copy=False)
 
