@@ -115,7 +115,7 @@ class Swiglu(Function):
         xp = xp_of(h)
         self.h2 = _f32(h)
         gate, up = self.h2[..., :H], self.h2[..., H:]
-        s = 0.5 + 0.5 * xp.tanh(0.5 * gate)  # sigmoid, with no overflow for large |gate|
+        s = _sigmoid(gate)
         return (gate * s * up).astype(self.dtype, copy=False)
 
     def backward(self, g):
@@ -128,7 +128,7 @@ class Swiglu(Function):
         xp = xp_of(g)
         g32 = _f32(g)
         gate, up = self.h2[..., :H], self.h2[..., H:]
-        s = 0.5 + 0.5 * xp.tanh(0.5 * gate)  # sigmoid, with no overflow for large |gate|
+        s = _sigmoid(gate)
         return xp.concatenate([g32 * up * s * (1 + gate * (1 - s)), g32 * gate * s], axis=-1).astype(self.dtype,
                                                                                                        copy=False)
 
@@ -202,3 +202,10 @@ def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return xp_of(x).concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) with no overflow and full relative precision in both tails."""
+    xp = xp_of(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0, e) / (1.0 + e)
