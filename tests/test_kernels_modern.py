@@ -68,3 +68,35 @@ def test_half_precision_and_float64_take_the_numpy_path():
     assert y.dtype == np.float16 and x.grad.dtype == np.float16
     np.testing.assert_allclose(y.numpy().astype(np.float32), F.rms_norm(tt.tensor(x.numpy().astype(np.float32))).numpy(),
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_steps_match_the_numpy_path(nesterov):
+    """Muon's momentum and update kernels (tall matrices go through transposed slots of the stack)
+    against its NumPy path: 3 steps of two layers of tall, wide and square matrices, weight decay on."""
+    shapes = [(48, 16), (16, 48), (16, 16)] * 2
+    init = [normal(*s, seed=i) for i, s in enumerate(shapes)]
+    runs = []
+    for ctx in (kernels.numpy_only, _on):
+        with ctx():
+            params = [tt.nn.Parameter(a.copy()) for a in init]
+            opt = tt.optim.Muon(params, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+            for step in range(3):
+                for i, p in enumerate(params):
+                    p.grad = normal(*p.shape, seed=100 * step + i)
+                opt.step()
+            runs.append([(p.data.copy(), opt.state[id(p)]["momentum_buffer"].copy()) for p in params])
+    for (p_ref, m_ref), (p, m) in zip(*runs):
+        np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m, m_ref, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(runs[1][0][0], init[0])
+
+
+class _on:
+    """The kernels on (the default), as a context manager like ``kernels.numpy_only``."""
+
+    def __enter__(self):
+        assert kernels.modern_for_arrays(np.zeros(2, np.float32)) is not None
+
+    def __exit__(self, *exc):
+        return False

@@ -167,6 +167,31 @@ def qk_norm_rope_backward(qkv, t, cos, sin, n_head, qk_norm, rope, rstd, g, gx):
             gx[i, d] = g[i, d]
 
 
+# ---- Muon (tinytensor.optim.Muon): the momentum update written straight into the Newton-Schulz stack,
+#      and the orthogonalised update applied; ``out`` and ``o`` may be transposed views (tall matrices
+#      are orthogonalised as their transposes)
+
+@kernel
+def muon_momentum(g, m, mu, nesterov, out):
+    """m = mu m + (1 - mu) g in place; out = (1 - mu) g + mu m (Nesterov) or m. All (R, C)."""
+    r, c = g.shape
+    for i in prange(r):
+        for j in range(c):
+            gi = g[i, j]
+            mi = m[i, j] * mu + (_f(1.0) - mu) * gi
+            m[i, j] = mi
+            out[i, j] = (_f(1.0) - mu) * gi + mu * mi if nesterov else mi
+
+
+@kernel
+def muon_apply(p, o, decay, step):
+    """p = p decay - step o (decoupled weight decay, then the scaled update)."""
+    r, c = p.shape
+    for i in prange(r):
+        for j in range(c):
+            p[i, j] = p[i, j] * decay - step * o[i, j]
+
+
 def warm_up():
     """Run every kernel here once, both copies, on tiny arrays (see ``cpu.warm_up``)."""
     f = np.float32
@@ -191,6 +216,12 @@ def warm_up():
                 variant(x, 2, table, table, 2, True, True, f(1e-5), out, rq)
             elif k is qk_norm_rope_backward:
                 variant(x, 2, table, table, 2, True, True, rq, g, out)
+            elif k is muon_momentum:  # into a plain and into a transposed slot (tall matrices)
+                variant(x, g.copy(), f(0.9), True, out)
+                variant(x.T.copy(), g.T.copy(), f(0.9), True, out.T)
+            elif k is muon_apply:
+                variant(x.copy(), out, f(1.0), f(0.1))
+                variant(x.T.copy(), out.T, f(1.0), f(0.1))
 
 
 _KERNELS = [v for v in list(globals().values()) if isinstance(v, kernel)]

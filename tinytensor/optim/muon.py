@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from .optimizer import Optimizer
 
 # the reference's quintic: maximises the slope at 0, so small singular values grow fast
@@ -82,27 +82,42 @@ class Muon(Optimizer):
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             by_shape = {}  # equal-shaped matrices (a model's layers) are orthogonalised as one stack
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                s = self.state.get(id(p))
-                if s is None:
-                    s = self.state[id(p)] = {"momentum_buffer": p.xp.zeros_like(p.data)}
-                m = s["momentum_buffer"]
-                m *= mu
-                m += (1 - mu) * g
-                update = (1 - mu) * g + mu * m if group["nesterov"] else m
-                by_shape.setdefault((p.shape, p.xp), []).append((p, update))
-            for (shape, xp), items in by_shape.items():
-                stack = xp.stack([u.astype(xp.float32, copy=False) for _, u in items])
-                O = newton_schulz(stack, group["ns_steps"])
+                if p.grad is not None:
+                    by_shape.setdefault((p.shape, p.xp), []).append(p)
+            for (shape, xp), params in by_shape.items():
                 rows, cols = shape
+                tall = rows > cols  # orthogonalised as its transpose (see newton_schulz)
+                stack = xp.empty((len(params),) + ((cols, rows) if tall else shape), xp.float32)
+                for p, slot in zip(params, stack):
+                    self._momentum(p, mu, group["nesterov"], slot.T if tall else slot)
+                O = newton_schulz(stack, group["ns_steps"])  # wide already: comes back as it went in
                 step = lr * max(1.0, rows / cols) ** 0.5
-                for (p, _), o in zip(items, O):
+                for p, o in zip(params, O):
+                    o = o.T if tall else o
+                    k = kernels.modern_for_arrays(p.data, o, contiguous=False)
+                    if k is not None:
+                        k.muon_apply(p.data, o, np.float32(1 - lr * wd), np.float32(step))
+                        continue
                     if wd:
                         p.data *= 1 - lr * wd
                     o *= step
                     p.data -= o.astype(p.dtype, copy=False)
+
+    def _momentum(self, p, mu, nesterov, out):
+        """The momentum buffer m = mu m + (1 - mu) g, and the update ((1 - mu) g + mu m with Nesterov,
+        else m) written into ``out`` (its slot in the Newton-Schulz stack)."""
+        g = p.grad
+        s = self.state.get(id(p))
+        if s is None:
+            s = self.state[id(p)] = {"momentum_buffer": p.xp.zeros_like(p.data)}
+        m = s["momentum_buffer"]
+        k = kernels.modern_for_arrays(g, m, out, contiguous=False)
+        if k is not None and m.flags.c_contiguous and p.data.flags.c_contiguous:
+            k.muon_momentum(g, m, np.float32(mu), bool(nesterov), out)
+            return
+        m *= mu
+        m += (1 - mu) * g
+        out[...] = (1 - mu) * g + mu * m if nesterov else m
 
 
 class Combined:
