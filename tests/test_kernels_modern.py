@@ -11,7 +11,7 @@ import tinytensor.functional as F
 from tinytensor import kernels
 
 pytest.importorskip("numba", reason="numba is not installed: the NumPy path is the only one")
-from test_kernels import assert_same, normal, run_both, variant  # noqa: E402,F401  (variant: autouse fixture)
+from test_kernels import CALLED, _kernels_on, assert_same, normal, run_both, variant  # noqa: E402,F401  (variant: autouse fixture)
 
 from gpt.model import rope_tables  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_muon_steps_match_the_numpy_path(nesterov):
     shapes = [(48, 16), (16, 48), (16, 16)] * 2
     init = [normal(*s, seed=i) for i, s in enumerate(shapes)]
     runs = []
-    for ctx in (kernels.numpy_only, _on):
+    for ctx in (kernels.numpy_only, _kernels_on):
         with ctx():
             params = [tt.nn.Parameter(a.copy()) for a in init]
             opt = tt.optim.Muon(params, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
@@ -86,17 +86,9 @@ def test_muon_steps_match_the_numpy_path(nesterov):
                     p.grad = normal(*p.shape, seed=100 * step + i)
                 opt.step()
             runs.append([(p.data.copy(), opt.state[id(p)]["momentum_buffer"].copy()) for p in params])
+    assert {"muon_momentum", "muon_apply"} <= set(CALLED)
     for (p_ref, m_ref), (p, m) in zip(*runs):
         np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(m, m_ref, rtol=1e-6, atol=1e-7)
     assert not np.allclose(runs[1][0][0], init[0])
 
-
-class _on:
-    """The kernels on (the default), as a context manager like ``kernels.numpy_only``."""
-
-    def __enter__(self):
-        assert kernels.modern_for_arrays(np.zeros(2, np.float32)) is not None
-
-    def __exit__(self, *exc):
-        return False
