@@ -110,28 +110,26 @@ def qk_norm_rope_forward(qkv, t, cos, sin, n_head, qk_norm, rope, eps, out, rstd
     half = hs // 2
     inv_hs = _f(1.0) / _f(hs)
     for i in prange(n):
-        pos = i % t
+        x, y = qkv[i], out[i]  # rows: 1-D contiguous views, so the loops below vectorise
+        co, si = cos[i % t], sin[i % t]
         for h in range(2 * n_head):  # q heads, then k heads
-            base = h * hs
+            b = h * hs
             r = _f(1.0)
             if qk_norm:
                 ss = _f(0.0)
                 for d in range(hs):
-                    ss += qkv[i, base + d] * qkv[i, base + d]
+                    ss += x[b + d] * x[b + d]
                 r = _f(1.0) / np.sqrt(ss * inv_hs + eps)
             rstd[i, h] = r
             if rope:
                 for d in range(half):
-                    x1 = qkv[i, base + d] * r
-                    x2 = qkv[i, base + half + d] * r
-                    co, si = cos[pos, d], sin[pos, d]
-                    out[i, base + d] = x1 * co - x2 * si
-                    out[i, base + half + d] = x2 * co + x1 * si
+                    x1, x2 = x[b + d] * r, x[b + half + d] * r
+                    y[b + d] = x1 * co[d] - x2 * si[d]
+                    y[b + half + d] = x2 * co[d] + x1 * si[d]
             else:
                 for d in range(hs):
-                    out[i, base + d] = qkv[i, base + d] * r
-        for d in range(2 * c, c3):
-            out[i, d] = qkv[i, d]
+                    y[b + d] = x[b + d] * r
+        y[2 * c:] = x[2 * c:]
 
 
 @kernel
@@ -143,28 +141,27 @@ def qk_norm_rope_backward(qkv, t, cos, sin, n_head, qk_norm, rope, rstd, g, gx):
     half = hs // 2
     inv_hs = _f(1.0) / _f(hs)
     for i in prange(n):
-        pos = i % t
+        x, gi, gxi = qkv[i], g[i], gx[i]
+        co, si = cos[i % t], sin[i % t]
         for h in range(2 * n_head):
-            base = h * hs
-            if rope:  # gx holds d/d(normalised x) for now
+            b = h * hs
+            if rope:  # gxi holds d/d(normalised x) for now
                 for d in range(half):
-                    g1, g2 = g[i, base + d], g[i, base + half + d]
-                    co, si = cos[pos, d], sin[pos, d]
-                    gx[i, base + d] = g1 * co + g2 * si
-                    gx[i, base + half + d] = g2 * co - g1 * si
+                    g1, g2 = gi[b + d], gi[b + half + d]
+                    gxi[b + d] = g1 * co[d] + g2 * si[d]
+                    gxi[b + half + d] = g2 * co[d] - g1 * si[d]
             else:
                 for d in range(hs):
-                    gx[i, base + d] = g[i, base + d]
+                    gxi[b + d] = gi[b + d]
             if qk_norm:
                 r = rstd[i, h]
                 s = _f(0.0)
                 for d in range(hs):
-                    s += gx[i, base + d] * qkv[i, base + d]
+                    s += gxi[b + d] * x[b + d]
                 s *= r * r * inv_hs
                 for d in range(hs):
-                    gx[i, base + d] = (gx[i, base + d] - qkv[i, base + d] * s) * r
-        for d in range(2 * c, c3):
-            gx[i, d] = g[i, d]
+                    gxi[b + d] = (gxi[b + d] - x[b + d] * s) * r
+        gxi[2 * c:] = gi[2 * c:]
 
 
 # ---- Muon (tinytensor.optim.Muon): the momentum update written straight into the Newton-Schulz stack,
