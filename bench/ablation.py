@@ -51,6 +51,7 @@ VARIANTS["combo_b32_600"] = VARIANTS["combo"] + ["--batch-size", "32", "--max-it
 # AdamW learning rate or a warmup-stable-decay schedule to make up for them
 _B24 = VARIANTS["combo"] + ["--batch-size", "24", "--warmup-iters", "50"]
 VARIANTS["combo_b24_700"] = _B24 + ["--max-iters", "700"]
+VARIANTS["combo_b24_700_lr6e-3"] = _B24 + ["--max-iters", "700", "--learning-rate", "6e-3", "--min-lr", "6e-4"]
 VARIANTS["combo_b24_600_mlr04"] = _B24 + ["--max-iters", "600", "--muon-lr", "0.04"]
 VARIANTS["combo_b24_600_lr6e-3"] = _B24 + ["--max-iters", "600", "--learning-rate", "6e-3", "--min-lr", "6e-4"]
 VARIANTS["combo_b24_600_wsd"] = _B24 + ["--max-iters", "600", "--lr-schedule", "wsd", "--decay-frac", "0.4"]
