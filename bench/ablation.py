@@ -47,6 +47,14 @@ VARIANTS["combo_1000"] = VARIANTS["combo"] + ["--max-iters", "1000", "--warmup-i
 VARIANTS["combo_b24_600"] = VARIANTS["combo"] + ["--batch-size", "24", "--max-iters", "600", "--warmup-iters", "50"]
 VARIANTS["combo_b24_800"] = VARIANTS["combo"] + ["--batch-size", "24", "--max-iters", "800", "--warmup-iters", "50"]
 VARIANTS["combo_b32_600"] = VARIANTS["combo"] + ["--batch-size", "32", "--max-iters", "600", "--warmup-iters", "50"]
+# issue 11b: cheaper recipes than combo_b24_800 (the wall-time target): fewer steps, with a higher Muon or
+# AdamW learning rate or a warmup-stable-decay schedule to make up for them
+_B24 = VARIANTS["combo"] + ["--batch-size", "24", "--warmup-iters", "50"]
+VARIANTS["combo_b24_700"] = _B24 + ["--max-iters", "700"]
+VARIANTS["combo_b24_700_lr6e-3"] = _B24 + ["--max-iters", "700", "--learning-rate", "6e-3", "--min-lr", "6e-4"]
+VARIANTS["combo_b24_600_mlr04"] = _B24 + ["--max-iters", "600", "--muon-lr", "0.04"]
+VARIANTS["combo_b24_600_lr6e-3"] = _B24 + ["--max-iters", "600", "--learning-rate", "6e-3", "--min-lr", "6e-4"]
+VARIANTS["combo_b24_600_wsd"] = _B24 + ["--max-iters", "600", "--lr-schedule", "wsd", "--decay-frac", "0.4"]
 
 
 def run_one(name, flags, seed, args):

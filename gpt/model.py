@@ -165,8 +165,8 @@ def mlp_hidden(config: GPTConfig) -> int:
 
 
 def rms_norm(x, eps: float = 1e-5):
-    """x / sqrt(mean(x^2) + eps) over the last axis (no mean subtracted, no gain)."""
-    return x * (F.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
+    """x / sqrt(mean(x^2) + eps) over the last axis (no mean subtracted, no gain); fused."""
+    return F.rms_norm(x, None, eps)
 
 
 class Norm(nn.Module):
@@ -185,8 +185,7 @@ class Norm(nn.Module):
     def forward(self, x):
         if self.kind == "layernorm":
             return F.layer_norm(x, self.weight, self.bias, self.eps)  # fused
-        x = rms_norm(x, self.eps)
-        return x if self.weight is None else x * self.weight
+        return F.rms_norm(x, self.weight, self.eps)  # fused, gain included
 
 
 def rope_tables(positions, head_size: int, xp, dtype, base: float = 10000.0):
@@ -201,7 +200,9 @@ def rope_tables(positions, head_size: int, xp, dtype, base: float = 10000.0):
 def rotate(x, cos, sin):
     """RoPE on (B, T, nh, hs), GPT-NeoX/llama's half-split convention: dimension i pairs with
     i + hs/2, each pair turned by its angle. Then q.k depends on positions only through
-    their distance, so keys cached at their own positions stay valid as the window slides."""
+    their distance, so keys cached at their own positions stay valid as the window slides.
+    The model runs the fused ``F.qk_norm_rope`` on the packed projection; this composed form
+    is its reference (tests)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return F.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -235,15 +236,8 @@ class CausalSelfAttention(nn.Module):
     def transform_qk(self, qkv, rope):
         """QK-norm, then RoPE, on the query and key parts of the packed projection, which then
         goes on packed to the fused attention (and the KV cache stores rotated keys)."""
-        B, T, C3 = qkv.shape
-        C = C3 // 3
-        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
-        q, k = (t.reshape(B, T, self.n_head, C // self.n_head) for t in (q, k))  # (B, T, nh, hs)
-        if self.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
-        return F.cat([q.reshape(B, T, C), k.reshape(B, T, C), v], axis=-1)  # (B, T, 3C)
+        # one fused op on (B, T, 3C): per head of q and k, rms_norm (eps 1e-5, no gain) then ``rotate``
+        return F.qk_norm_rope(qkv, self.n_head, rope, self.qk_norm)
 
 
 class MLP(nn.Module):
@@ -260,11 +254,9 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "relu2":
-            h = F.relu(h)
-            h = h * h
-        else:  # swiglu: silu(gate) * up
-            gate, up = h[..., :self.hidden], h[..., self.hidden:]
-            h = gate * F.sigmoid(gate) * up
+            h = F.relu_squared(h)  # fused relu(h)^2
+        else:  # swiglu: silu(gate) * up, fused (c_fc packs [gate | up])
+            h = F.swiglu(h)
         return self.dropout(self.c_proj(h))
 
 

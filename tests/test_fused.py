@@ -106,6 +106,29 @@ def embedding_composed(idx, weight):
     return tt.tensor(one_hot, backend=weight.backend) @ weight
 
 
+def rms_norm_composed(x, weight=None, eps=1e-5):
+    y = x / ((x * x).mean(axis=-1, keepdims=True) + eps).sqrt()
+    return y if weight is None else y * weight
+
+
+def rotate_composed(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return F.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def qk_norm_rope_composed(qkv, n_head, rope=None, qk_norm=True):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    q, k = (t.reshape(B, T, n_head, C // n_head) for t in (q, k))
+    if qk_norm:
+        q, k = rms_norm_composed(q), rms_norm_composed(k)
+    if rope is not None:
+        q, k = rotate_composed(q, *rope), rotate_composed(k, *rope)
+    return F.cat([q.reshape(B, T, C), k.reshape(B, T, C), v], axis=-1)
+
+
 # -- fused == composed ---------------------------------------------------------------------------
 SHAPES_AXES = [((5,), -1), ((3, 4), -1), ((3, 4), 0), ((2, 3, 4), 1), ((2, 1, 3), -2), ((1,), 0)]
 
@@ -284,7 +307,35 @@ def test_gelu_is_stable_for_huge_inputs(backend_name, dtype):
     np.testing.assert_allclose(to_np(x.grad), [0, 0, 0.5, 1, 1], atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6,), (4, 5), (2, 3, 8)])
+@pytest.mark.parametrize("has_weight", [True, False])
+def test_rms_norm_matches_composition(backend_name, shape, has_weight):
+    inputs = [normal(2, shape, 2.0)] + ([normal(3, shape[-1:]) + 1.0] if has_weight else [])
+    compare(lambda x, *w: F.rms_norm(x, *w), lambda x, *w: rms_norm_composed(x, *w), inputs, backend_name,
+            rtol=1e-9)
+
+
+def test_relu_squared_and_swiglu_match_composition(backend_name):
+    compare(F.relu_squared, lambda x: x.relu() * x.relu(), [normal(4, (3, 5), 2.0)], backend_name)
+    compare(F.swiglu, lambda h: h[..., :3] * h[..., :3].sigmoid() * h[..., 3:], [normal(5, (2, 4, 6), 2.0)],
+            backend_name)
+
+
+@pytest.mark.parametrize("qk_norm,rope", [(True, True), (False, True), (True, False), (False, False)])
+def test_qk_norm_rope_matches_composition(backend_name, qk_norm, rope):
+    from gpt.model import rope_tables
+    tables = rope_tables(np.arange(2, 6), 6, np, np.float64) if rope else None
+    tables = tables and tuple(t.to(backend_name) for t in tables)
+    compare(lambda a: F.qk_norm_rope(a, 2, tables, qk_norm), lambda a: qk_norm_rope_composed(a, 2, tables, qk_norm),
+            [normal(6, (3, 4, 36), 2.0)], backend_name, rtol=1e-9)
+
+
 # -- float32 stays float32 -----------------------------------------------------------------------------
+def _rope_f32(backend_name, T=3, hs=4):
+    from gpt.model import rope_tables
+    return tuple(t.to(backend_name) for t in rope_tables(np.arange(T), hs, np, np.float32))
+
+
 def _fused_float32_cases(backend_name):
     def f32(*shape):
         return leaf(backend_name, *shape, dtype=np.float32)
@@ -308,14 +359,21 @@ def _fused_float32_cases(backend_name):
                                  [f32(2, 3, 12)]),
         "attention_scaled": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, scale=0.3),
                              [f32(3, 4), f32(5, 4), f32(5, 2)]),
+        "rms_norm": (F.rms_norm, [f32(2, 3, 4), f32(4)]),
+        "rms_norm_plain": (F.rms_norm, [f32(3, 4)]),
+        "relu_squared": (F.relu_squared, [f32(3, 4)]),
+        "swiglu": (F.swiglu, [f32(3, 4)]),
+        "qk_norm_rope": (lambda a: F.qk_norm_rope(a, 2, _rope_f32(backend_name), True), [f32(2, 3, 24)]),
     }
 
 
 def test_fused_float32_cases_cover_every_fused_primitive():
-    from tinytensor.ops import attention, fused as fused_ops
-    fused = {name for name, cls in tt.PRIMITIVES.items() if cls.__module__ in (fused_ops.__name__, attention.__name__)}
+    from tinytensor.ops import attention, fused as fused_ops, modern
+    fused = {name for name, cls in tt.PRIMITIVES.items()
+             if cls.__module__ in (fused_ops.__name__, attention.__name__, modern.__name__)}
     covered = {"softmax", "log_softmax", "layer_norm", "cross_entropy", "gelu", "embedding", "dropout", "linear",
-               "scaled_dot_product_attention", "multi_head_attention"}
+               "scaled_dot_product_attention", "multi_head_attention", "rms_norm", "relu_squared", "swiglu",
+               "qk_norm_rope"}
     assert fused <= covered, f"fused primitives without a float32 case: {sorted(fused - covered)}"
 
 

@@ -443,6 +443,34 @@ def test_multi_head_attention(backend_name, B, T, n_head, hs, causal, dropout_p,
     check_grad(fn, normal(seed, (B, T, 3 * n_head * hs)), backend_name=backend_name)
 
 
+# -- the modern model options' fused ops (tinytensor/ops/modern.py) -----------------------------------------
+@SETTINGS
+@given(shape=ND, seed=SEEDS, has_weight=st.booleans())
+@example(shape=(2, 3, 5), seed=0, has_weight=True)
+def test_rms_norm(backend_name, shape, seed, has_weight):
+    params = [normal(seed + 1, (shape[-1],)) + 1.0] if has_weight else []
+    check_grad(lambda t, *w: F.rms_norm(t, *w), normal(seed, shape, 3.0), *params, backend_name=backend_name)
+
+
+test_relu_squared = _unary("test_relu_squared", F.relu_squared, make=away_from_zero)
+
+
+@SETTINGS
+@given(lead=hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=4), H=st.integers(1, 4), seed=SEEDS)
+def test_swiglu(backend_name, lead, H, seed):
+    check_grad(F.swiglu, normal(seed, lead + (2 * H,), 2.0), backend_name=backend_name)
+
+
+@pytest.mark.parametrize("qk_norm,rope", [(True, True), (False, True), (True, False)])
+def test_qk_norm_rope(backend_name, qk_norm, rope):
+    from gpt.model import rope_tables
+    B, T, nh, hs = 2, 3, 2, 4
+    tables = rope_tables(np.arange(5, 5 + T), hs, np, np.float64) if rope else None
+    tables = tables and tuple(t.to(backend_name) for t in tables)
+    check_grad(lambda t: F.qk_norm_rope(t, nh, tables, qk_norm), normal(0, (B, T, 3 * nh * hs), 2.0),
+               backend_name=backend_name)
+
+
 # -- the registry must be covered ----------------------------------------------------------------------
 CASES = {
     "add": test_add,
@@ -475,6 +503,10 @@ CASES = {
     "lora_linear": test_lora_linear,
     "scaled_dot_product_attention": test_scaled_dot_product_attention,
     "multi_head_attention": test_multi_head_attention,
+    "rms_norm": test_rms_norm,
+    "relu_squared": test_relu_squared,
+    "swiglu": test_swiglu,
+    "qk_norm_rope": test_qk_norm_rope,
 }
 
 

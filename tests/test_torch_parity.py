@@ -109,6 +109,38 @@ def _dequantized(qs, bits, block, like):
 _Q8, _Q4 = _quantized(8), _quantized(4)
 
 
+def _rope_angles(T, hs):
+    """RoPE's (T, 1, hs/2) angles in float64 (gpt.model.rope_tables' formula, positions from 3)."""
+    inv_freq = 10000.0 ** (-np.arange(0, hs, 2) / hs)
+    return (np.arange(3, 3 + T)[:, None, None] * inv_freq)
+
+
+def _rope_tt(a):
+    """cos, sin tensors for a packed (B, T, 3C) input with hs 4, in its dtype (constants: no gradient)."""
+    angles = _rope_angles(a.shape[1], 4)
+    return tt.tensor(np.cos(angles).astype(a.dtype)), tt.tensor(np.sin(angles).astype(a.dtype))
+
+
+def _torch_qk_norm_rope(qkv, n_head, qk_norm, rope):
+    """QK-norm and RoPE composed in torch on the packed projection, as bench/torch_gpt.py does."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    q, k, v = qkv.split(C, dim=-1)
+    q, k = (t.reshape(B, T, n_head, hs) for t in (q, k))
+    if qk_norm:
+        q, k = (TF.rms_norm(t, (hs,), eps=1e-5) for t in (q, k))
+    if rope:
+        angles = torch.from_numpy(_rope_angles(T, hs)).to(qkv.dtype)
+        cos, sin = angles.cos(), angles.sin()
+
+        def rotate(x):
+            x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        q, k = rotate(q), rotate(k)
+    return torch.cat([q.reshape(B, T, C), k.reshape(B, T, C), v], dim=-1)
+
+
 def _sdpa(causal, **kw):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, **kw)
 
@@ -272,6 +304,26 @@ CASES: dict[str, list[Case]] = {
              lambda x, t: TF.cross_entropy(x.reshape(-1, 3), t.reshape(-1), ignore_index=-1)),
         Case("one_row", _ce_targets((1,), 6, ignore=False), F.cross_entropy,
              lambda x, t: TF.cross_entropy(x, t, ignore_index=-1)),
+    ],
+    "rms_norm": [
+        Case("weight", normal_inputs((2, 3, 8), (8,)), lambda x, w: F.rms_norm(x, w),
+             lambda x, w: TF.rms_norm(x, (8,), w, eps=1e-5)),
+        Case("plain_eps", normal_inputs((4, 6)), lambda x: F.rms_norm(x, eps=1e-3),
+             lambda x: TF.rms_norm(x, (6,), eps=1e-3)),
+    ],
+    "relu_squared": [
+        Case("2d", _relu_input, F.relu_squared, lambda a: TF.relu(a) ** 2),
+    ],
+    "swiglu": [
+        Case("3d", normal_inputs((2, 3, 10)), F.swiglu, lambda h: TF.silu(h[..., :5]) * h[..., 5:]),
+    ],
+    "qk_norm_rope": [
+        Case("norm_rope", normal_inputs((2, 5, 24)), lambda a: F.qk_norm_rope(a, 2, _rope_tt(a), True),
+             lambda a: _torch_qk_norm_rope(a, 2, True, True)),
+        Case("rope", normal_inputs((2, 5, 24)), lambda a: F.qk_norm_rope(a, 2, _rope_tt(a), False),
+             lambda a: _torch_qk_norm_rope(a, 2, False, True)),
+        Case("norm", normal_inputs((1, 3, 12)), lambda a: F.qk_norm_rope(a, 1, None, True),
+             lambda a: _torch_qk_norm_rope(a, 1, True, False)),
     ],
     "gelu": [
         Case("2d", normal_inputs((3, 4)), F.gelu, lambda a: TF.gelu(a, approximate="tanh")),

@@ -22,6 +22,7 @@ from .ops import attention as A
 from .ops import basic as P
 from .ops import fused as N
 from .ops import lora as L
+from .ops import modern as M
 from .ops import quant as Q
 from .tensor import DEFAULT_DTYPE, Tensor, _is_float
 
@@ -259,6 +260,28 @@ def cross_entropy(logits, targets, ignore_index=-1):
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     params = [p for p in (weight, bias) if p is not None]
     return N.LayerNorm.apply(x, *params, eps=eps, has_weight=weight is not None, has_bias=bias is not None)
+
+
+def rms_norm(x, weight=None, eps=1e-5):
+    """x / sqrt(mean(x^2) + eps) over the last axis, times ``weight`` if given (fused)."""
+    return M.RmsNorm.apply(x, *([weight] if weight is not None else []), eps=eps)
+
+
+def relu_squared(x):
+    """relu(x)^2, fused (the ReLU^2 MLP)."""
+    return M.ReluSquared.apply(x)
+
+
+def swiglu(h):
+    """(..., 2H) [gate | up] -> (..., H): silu(gate) * up, fused."""
+    return M.Swiglu.apply(h)
+
+
+def qk_norm_rope(qkv, n_head, rope=None, qk_norm=True, eps=1e-5):
+    """The packed projection (B, T, 3C) with each head's query and key RMS-normalised (``qk_norm``)
+    and then rotated by RoPE (``rope`` = (cos, sin) tensors of (T, 1, hs/2) or (T, hs/2) angles),
+    the values untouched; one fused op. See ``tinytensor.ops.modern.QkNormRope``."""
+    return M.QkNormRope.apply(qkv, *(rope if rope is not None else ()), n_head=n_head, qk_norm=qk_norm, eps=eps)
 
 
 def linear(x, weight, bias=None):

@@ -78,6 +78,18 @@ def for_arrays(*arrays, contiguous: bool = True):
     return module()
 
 
+def modern_for_arrays(*arrays, contiguous: bool = True):
+    """The kernels of the modern model options (``kernels.modern``: RMSNorm, ReLU^2, SwiGLU,
+    QK-norm + RoPE) under the same conditions as ``for_arrays``; None otherwise."""
+    return None if for_arrays(*arrays, contiguous=contiguous) is None else modern_module()
+
+
+def modern_module():
+    """``kernels.modern`` (loaded on first use; call only where the kernels are on)."""
+    from . import modern
+    return modern
+
+
 @contextlib.contextmanager
 def numpy_only():
     """Within it the primitives take their NumPy path (the reference): for tests and benchmarks
@@ -113,4 +125,5 @@ def warm_up() -> float:
         return 0.0
     start = time.perf_counter()
     k.warm_up()
+    modern_module().warm_up()
     return time.perf_counter() - start

@@ -2,7 +2,9 @@
 ``Combined`` steps it beside AdamW (embeddings, head, gains and biases) as one optimizer."""
 from __future__ import annotations
 
-from .. import backend
+import numpy as np
+
+from .. import backend, kernels
 from .optimizer import Optimizer
 
 # the reference's quintic: maximises the slope at 0, so small singular values grow fast
@@ -11,22 +13,38 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def newton_schulz(G, steps: int = 5, eps: float = 1e-7):
     """An approximation of U V^T for G = U S V^T (its singular values pushed to about 1), as the
-    reference's ``zeropower_via_newtonschulz5``, in float32 (NumPy has no bfloat16 GEMM).
+    reference's ``zeropower_via_newtonschulz5``, in float32 (NumPy has no bfloat16 GEMM). G may be
+    a stack (..., m, n) of equal-shaped matrices, each orthogonalised on its own (one batched
+    product per stage instead of one per matrix).
+
+    Each iteration is X <- (a I + b A + c A^2) X with A = X X^T: the reference's a X + B X with
+    a I folded into the small (m, m) factor, so an iteration is 3 products and no elementwise pass
+    over X (the same polynomial; float32 rounding differs in the last bits).
 
     >>> O = newton_schulz(np.random.default_rng(0).standard_normal((4, 6)))   # doctest: +SKIP
     """
     xp = backend.xp_of(G)
     a, b, c = NS_COEFFICIENTS
-    X = G.astype(xp.float32, copy=False)  # (the division below makes the copy)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:  # iterate on the wide side: X X^T is the smaller Gram matrix
-        X = xp.swapaxes(X, -1, -2)
+    tall = G.shape[-2] > G.shape[-1]
+    X = xp.swapaxes(G, -1, -2) if tall else G  # iterate on the wide side: X X^T is the smaller Gram matrix
+    X, view = xp.empty(X.shape, xp.float32), X  # a C-contiguous float32 copy: BLAS-ready, ours to overwrite
+    X[...] = view
     # Frobenius norm >= spectral norm, so every singular value starts in (0, 1]
-    X = X / (xp.sqrt((X * X).sum(axis=(-2, -1), keepdims=True)) + eps)
+    X /= xp.sqrt((X * X).sum(axis=(-2, -1), keepdims=True)) + eps
+    m = X.shape[-2]
+    A = xp.empty(X.shape[:-1] + (m,), xp.float32)
+    B, Y = xp.empty_like(A), xp.empty_like(X)
+    diagonal = B.reshape(-1, m * m)[:, ::m + 1]  # a view: each matrix's diagonal
+    f32 = np.float32
     for _ in range(steps):
-        A = X @ xp.swapaxes(X, -1, -2)
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        xp.matmul(X, xp.swapaxes(X, -1, -2), out=A)
+        xp.matmul(A, A, out=B)
+        B *= f32(c)
+        A *= f32(b)
+        B += A
+        diagonal += f32(a)
+        xp.matmul(B, X, out=Y)
+        X, Y = Y, X
     return xp.swapaxes(X, -1, -2) if tall else X
 
 
@@ -62,23 +80,44 @@ class Muon(Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape = {}  # equal-shaped matrices (a model's layers) are orthogonalised as one stack
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                s = self.state.get(id(p))
-                if s is None:
-                    s = self.state[id(p)] = {"momentum_buffer": p.xp.zeros_like(p.data)}
-                m = s["momentum_buffer"]
-                m *= mu
-                m += (1 - mu) * g
-                update = (1 - mu) * g + mu * m if group["nesterov"] else m
-                O = newton_schulz(update, group["ns_steps"])
-                rows, cols = p.shape
-                if wd:
-                    p.data *= 1 - lr * wd
-                O *= lr * max(1.0, rows / cols) ** 0.5
-                p.data -= O.astype(p.dtype, copy=False)
+                if p.grad is not None:
+                    by_shape.setdefault((p.shape, p.xp), []).append(p)
+            for (shape, xp), params in by_shape.items():
+                rows, cols = shape
+                tall = rows > cols  # orthogonalised as its transpose (see newton_schulz)
+                stack = xp.empty((len(params),) + ((cols, rows) if tall else shape), xp.float32)
+                for p, slot in zip(params, stack):
+                    self._momentum(p, mu, group["nesterov"], slot.T if tall else slot)
+                O = newton_schulz(stack, group["ns_steps"])  # wide already: comes back as it went in
+                step = lr * max(1.0, rows / cols) ** 0.5
+                for p, o in zip(params, O):
+                    o = o.T if tall else o
+                    k = kernels.modern_for_arrays(p.data, o, contiguous=False)
+                    if k is not None:
+                        k.muon_apply(p.data, o, np.float32(1 - lr * wd), np.float32(step))
+                        continue
+                    if wd:
+                        p.data *= 1 - lr * wd
+                    o *= step
+                    p.data -= o.astype(p.dtype, copy=False)
+
+    def _momentum(self, p, mu, nesterov, out):
+        """The momentum buffer m = mu m + (1 - mu) g, and the update ((1 - mu) g + mu m with Nesterov,
+        else m) written into ``out`` (its slot in the Newton-Schulz stack)."""
+        g = p.grad
+        s = self.state.get(id(p))
+        if s is None:
+            s = self.state[id(p)] = {"momentum_buffer": p.xp.zeros_like(p.data)}
+        m = s["momentum_buffer"]
+        k = kernels.modern_for_arrays(g, m, out, contiguous=False)
+        if k is not None and m.flags.c_contiguous and p.data.flags.c_contiguous:
+            k.muon_momentum(g, m, np.float32(mu), bool(nesterov), out)
+            return
+        m *= mu
+        m += (1 - mu) * g
+        out[...] = (1 - mu) * g + mu * m if nesterov else m
 
 
 class Combined:
