@@ -6,9 +6,10 @@ stays exactly zero); norms, biases and the position table stay float32. Weights 
 quarter of the memory, and decoding, which reads every weight once per token, reads a quarter
 of the bytes.
 
-The products go through :func:`int8_matmul`: for a few rows of activations (decoding) a
-Numba kernel that converts int8 to float32 inside the dot products (two threads, no float copy
-of the matrix; Numba, a core dependency, may still be missing or disabled); otherwise (a prompt, no
+The products go through :func:`int8_matmul`: for a few rows of activations (decoding) the
+Numba kernel ``tinytensor.kernels.quant`` that converts int8 to float32 inside the dot products
+(both cores, no float copy of the matrix; Numba, a core dependency, may still be missing or
+disabled with TINYTENSOR_KERNELS=0); otherwise (a prompt, no
 Numba, CuPy) the matrix is dequantized by blocks of rows into a small float32 buffer and
 multiplied with BLAS, so no full float32 copy exists at any time.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 import tinytensor as tt
-from tinytensor import nn
+from tinytensor import kernels, nn
 from tinytensor.ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["QUANTIZATIONS", "quantize_rows", "dequantize_rows", "int8_matmul", "Int8Linear", "Int8Embedding",
@@ -28,7 +29,6 @@ __all__ = ["QUANTIZATIONS", "quantize_rows", "dequantize_rows", "int8_matmul", "
 
 QUANTIZATIONS = ("none", "int8")  # gpt.sample's --quantize choices
 BLOCK_ROWS = 512  # rows dequantized at a time on the BLAS path: 512 x 3072 float32 = 6 MB at most
-KERNEL_MAX_ROWS = 8  # activations rows up to which the Numba kernel beats dequantize + BLAS
 
 
 def quantize_rows(w):
@@ -43,50 +43,24 @@ def dequantize_rows(q, scale):
 
 
 # -- the products ---------------------------------------------------------------------------------------------
-PARALLEL_MIN = 1 << 20  # int8 weights below which one thread is faster (waking a second costs more)
-_kernels = None  # (parallel, serial), False without Numba
-
-
 def numba_available() -> bool:
-    """Whether the Numba kernel can be used (the optional dependency is installed)."""
-    return _get_kernels() is not None
-
-
-def _get_kernels():
-    """The Numba int8 matrix-vector kernels (two threads, one thread), compiled on first use;
-    None without Numba."""
-    global _kernels
-    if _kernels is None:
-        try:
-            import numba
-        except ImportError:
-            _kernels = False
-            return None
-
-        def kernel(x, q, scale, out):  # x (M, K) float32, q (N, K) int8 -> out (M, N) = x @ (q * scale).T
-            M, K = x.shape
-            for n in numba.prange(q.shape[0]):
-                for m in range(M):
-                    acc = np.float32(0.0)
-                    for k in range(K):  # vectorised: int8 -> float32 and multiply-add, 8 lanes at a time
-                        acc += np.float32(q[n, k]) * x[m, k]
-                    out[m, n] = acc * scale[n]
-        _kernels = (numba.njit(parallel=True, fastmath=True, nogil=True)(kernel),
-                    numba.njit(fastmath=True, nogil=True)(kernel))
-    return _kernels or None
+    """Whether the Numba int8 kernel (tinytensor.kernels.quant) is in use."""
+    return kernels.quant_module() is not None
 
 
 def int8_matmul(x, q, scale):
-    """x (..., K) float32 @ (q * scale[:, None]).T -> (..., N) float32, never building the float matrix."""
+    """x (..., K) float32 @ (q * scale[:, None]).T -> (..., N) float32, never building the float matrix.
+    A few rows (decoding): the int8 kernel; more (a prompt), no Numba, or CuPy: dequantized blocks
+    of rows and BLAS."""
     xp = tt.backend.xp_of(x)
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.dtype != np.float32:
         x2 = x2.astype(np.float32)
     out = xp.empty((x2.shape[0], q.shape[0]), np.float32)
-    kernels = _get_kernels() if xp is np and x2.shape[0] <= KERNEL_MAX_ROWS else None
-    if kernels is not None:
-        kernels[q.size < PARALLEL_MIN](np.ascontiguousarray(x2), q, scale, out)
+    quant = kernels.quant_module() if xp is np else None
+    if quant is not None and x2.shape[0] <= quant.MAX_ROWS:
+        quant.int8_matmul(np.ascontiguousarray(x2), q, scale.reshape(-1, 1), out)
     else:
         for start in range(0, q.shape[0], BLOCK_ROWS):
             stop = min(start + BLOCK_ROWS, q.shape[0])

@@ -10,6 +10,7 @@ import pytest
 
 import gpt.quantize as Q
 import tinytensor as tt
+from tinytensor import kernels
 from gpt import sample as sample_cli
 from gpt import train as train_cli
 from gpt import trainer
@@ -17,14 +18,20 @@ from gpt.model import GPT, GPTConfig
 from textgen import make_text
 
 
-@pytest.fixture(params=["kernel", "blocks"])
+@pytest.fixture(params=["kernel", "kernel-parallel", "blocks"])
 def path(request, monkeypatch):
-    """Each test on both product paths (the kernel one skips without Numba)."""
-    if request.param == "kernel":
-        pytest.importorskip("numba", reason="the int8 kernel needs numba (pip install numba)")
-    else:
-        monkeypatch.setattr(Q, "_kernels", False)
-    return request.param
+    """Each test on every product path: the kernel (tinytensor.kernels.quant) on one thread and
+    split over the cores (skipped without Numba), and dequantizing by blocks (the kernels off)."""
+    if request.param == "blocks":
+        with kernels.numpy_only():
+            yield request.param
+        return
+    pytest.importorskip("numba", reason="the int8 kernel needs numba (pip install numba)")
+    if kernels.quant_module() is None:
+        pytest.skip(f"kernels {kernels.reason()}")
+    if request.param == "kernel-parallel":
+        monkeypatch.setattr(kernels.quant_module(), "PARALLEL_MIN", 0)
+    yield request.param
 
 
 def test_rows_are_quantized_within_half_a_step():
