@@ -151,9 +151,11 @@ def _expected_hf_shapes(config: GPTConfig) -> dict[str, tuple]:
 
 
 def from_hf_weights(tensors: dict, config: GPTConfig) -> dict[str, np.ndarray]:
-    """Hugging Face GPT-2 tensors -> our state dict (float32, Conv1D matrices transposed)."""
+    """Hugging Face GPT-2 tensors -> our state dict (float32, Conv1D matrices transposed); empties
+    ``tensors`` as it goes."""
     out = {}
-    for hf_name, value in tensors.items():
+    for hf_name in list(tensors):
+        value = tensors.pop(hf_name)  # one transposed copy at a time, not a second model's worth
         name = _ours(hf_name, config)
         if name is not None:
             value = np.asarray(value, dtype=np.float32)

@@ -55,14 +55,23 @@ class Pretrained:
         return weights
 
     def build(self, backend: str = "numpy"):
-        """The model with these weights, on ``backend``."""
+        """The model with these weights, on ``backend``. Its layers are built uninitialised
+        (nn.skip_init) and take the arrays read from the file as their parameters, without a copy:
+        loading holds one copy of the weights, not a random model's as well."""
+        from tinytensor import nn
+
         from .model import MODELS
 
-        model = MODELS[self.model_type](self.config)
-        try:
-            model.load_state_dict(self.weights())
-        except (KeyError, ValueError) as exc:  # unreachable after the checks, but never a traceback
-            raise CheckpointError(f"{self.path}: weights do not fit the model: {exc}") from None
+        with nn.skip_init():
+            model = MODELS[self.model_type](self.config)
+        weights = self.weights()
+        params = dict(model.named_parameters())
+        bad = sorted(set(params) ^ set(weights)) + [k for k, p in params.items()
+                                                    if k in weights and tuple(weights[k].shape) != p.shape]
+        if bad:  # unreachable after the header checks, but never a traceback
+            raise CheckpointError(f"{self.path}: weights do not fit the model: {', '.join(bad[:6])}")
+        for name, p in params.items():
+            p.data = np.ascontiguousarray(weights.pop(name), dtype=p.dtype)
         return model.to(backend)
 
 

@@ -18,6 +18,9 @@ multiplied with BLAS, so no full float32 copy exists at any time.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 
 import tinytensor as tt
@@ -31,11 +34,21 @@ QUANTIZATIONS = ("none", "int8")  # gpt.sample's --quantize choices
 BLOCK_ROWS = 512  # rows dequantized at a time on the BLAS path: 512 x 3072 float32 = 6 MB at most
 
 
+QUANTIZE_CHUNK = 4096  # rows quantized at a time: the quantizer's float temporaries stay ~10 MB
+
+
 def quantize_rows(w):
     """(int8 q, float32 scale) with w ~= q * scale[:, None], one scale per row of w (out, in):
-    the QLoRA bases' blockwise int8 (tinytensor.ops.quant) with one block per row."""
-    q, scale = quantize_blockwise(w, bits=8, block=w.shape[1])
-    return q, scale[:, 0]
+    the QLoRA bases' blockwise int8 (tinytensor.ops.quant) with one block per row, by chunks of
+    rows (rows are independent: the same arrays as in one go, without a few float copies of a
+    154 MB head at once)."""
+    xp = tt.backend.xp_of(w)
+    q, scale = xp.empty(w.shape, np.int8), xp.empty(w.shape[0], np.float32)
+    for start in range(0, w.shape[0], QUANTIZE_CHUNK):
+        rows = slice(start, start + QUANTIZE_CHUNK)
+        q[rows], s = quantize_blockwise(w[rows], bits=8, block=w.shape[1])
+        scale[rows] = s[:, 0]
+    return q, scale
 
 
 def dequantize_rows(q, scale):
@@ -110,7 +123,9 @@ class Int8Embedding(nn.Module):
 
 def quantize_int8(model):
     """Replace a GPT's block matrices and token embedding / head by int8 ones, in place; returns it.
-    Only for sampling (no gradients); a bigram model is left as it is."""
+    Only for sampling (no gradients); a bigram model is left as it is. Each float matrix is dropped
+    as soon as its int8 copy exists, and the freed memory goes back to the system at the end, so a
+    sampling process never holds both models."""
     from .model import GPT
 
     if not isinstance(model, GPT):
@@ -131,7 +146,23 @@ def quantize_int8(model):
         model.head = Int8Linear.from_weight(model.lm_head.weight.data)
         del model._modules["lm_head"]
         object.__delattr__(model, "lm_head")
+    _release_freed_memory()
+    quant = kernels.quant_module() if tt.backend.xp_of(q) is np else None
+    if quant is not None:
+        quant.warm_up()  # loaded (or compiled) now, not inside the first token
     return model
+
+
+def _release_freed_memory() -> None:
+    """glibc's malloc_trim(0): freed pages inside the heap (the float weights' arrays below 32 MB
+    come from there) go back to the kernel; without it a quantized process keeps the float model's
+    resident size. No-op elsewhere than Linux with glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def weight_bytes(model) -> int:
