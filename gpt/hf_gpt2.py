@@ -241,8 +241,14 @@ def open_hf_gpt2(path):
         return []
     read_safetensors(weights, header_only)
 
-    def read():
-        return from_hf_weights(read_safetensors(weights, choose)[1], config)
+    def read(convert=None):
+        if convert is None:
+            return from_hf_weights(read_safetensors(weights, choose)[1], config)
+
+        def ours(hf_name, value):  # each tensor in our layout before convert sees it
+            name = _ours(hf_name, config)
+            return convert(name, *from_hf_weights({hf_name: value}, config).values())
+        return {_ours(k, config): v for k, v in read_safetensors(weights, choose, ours)[1].items()}
     return Pretrained(weights, "hf-gpt2", "gpt", config, tokenizer, {"step": None, "source": "huggingface"}, read)
 
 

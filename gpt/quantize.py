@@ -28,7 +28,7 @@ from tinytensor import kernels, nn
 from tinytensor.ops.quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["QUANTIZATIONS", "quantize_rows", "dequantize_rows", "int8_matmul", "Int8Linear", "Int8Embedding",
-           "quantize_int8", "weight_bytes", "numba_available"]
+           "quantize_int8", "load_int8", "float32_bytes", "weight_bytes", "numba_available"]
 
 QUANTIZATIONS = ("none", "int8")  # gpt.sample's --quantize choices
 BLOCK_ROWS = 512  # rows dequantized at a time on the BLAS path: 512 x 3072 float32 = 6 MB at most
@@ -121,29 +121,64 @@ class Int8Embedding(nn.Module):
         return tt.Tensor(self.q[ids].astype(np.float32) * self.scale[ids][..., None])
 
 
-def quantize_int8(model):
+def load_int8(src, backend: str = "numpy"):
+    """The int8 model of a gpt.pretrained.Pretrained, quantized while it is read: each matrix is
+    turned into int8 rows as soon as it comes off the file, so the float model never exists
+    (peak memory: the int8 model plus one float matrix). Same arrays as quantize_int8(src.build()).
+
+    >>> model = load_int8(open_pretrained("gpt2/"))   # doctest: +SKIP
+    """
+    from .model import GPT
+
+    if src.model_type != "gpt" or backend != "numpy":  # (int8 layers move to a GPU only as they are built)
+        return quantize_int8(src.build(backend))
+    names = set(_matrix_names(src.config))
+    rows = {}
+
+    def convert(name, array):
+        if name not in names:
+            return array
+        rows[name] = quantize_rows(array)
+        return np.broadcast_to(np.float32(0), array.shape)  # the layer's shape, no memory: replaced below
+    model = src.build("numpy", convert)
+    assert isinstance(model, GPT)
+    return quantize_int8(model, rows)
+
+
+def _matrix_names(config):
+    """The state-dict names of the matrices quantize_int8 turns into int8."""
+    names = [f"transformer.h.{i}.{m}.weight" for i in range(config.n_layer)
+             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    return names + ["transformer.wte.weight"] + ([] if config.tie_head else ["lm_head.weight"])
+
+
+def quantize_int8(model, rows=None):
     """Replace a GPT's block matrices and token embedding / head by int8 ones, in place; returns it.
     Only for sampling (no gradients); a bigram model is left as it is. Each float matrix is dropped
     as soon as its int8 copy exists, and the freed memory goes back to the system at the end, so a
-    sampling process never holds both models."""
+    sampling process never holds both models. ``rows``: name -> (q, scale) already quantized
+    (load_int8), used instead of the layer's float weight."""
     from .model import GPT
 
-    if not isinstance(model, GPT):
-        return model
+    if not isinstance(model, GPT) or isinstance(model.transformer.wte, Int8Embedding):
+        return model  # (a bigram model, or already int8)
+    rows = rows or {}
+
+    def int8(name, weight):
+        return rows.pop(name) if name in rows else quantize_rows(weight.data)
     model.eval()
-    for block in model.transformer.h:
-        for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
-                            (block.mlp, "c_proj")):
+    for i, block in enumerate(model.transformer.h):
+        for owner, name, path in ((block.attn, "c_attn", "attn.c_attn"), (block.attn, "c_proj", "attn.c_proj"),
+                                  (block.mlp, "c_fc", "mlp.c_fc"), (block.mlp, "c_proj", "mlp.c_proj")):
             linear = getattr(owner, name)
-            setattr(owner, name, Int8Linear.from_weight(linear.weight.data,
-                                                        None if linear.bias is None else linear.bias.data))
-    wte = model.transformer.wte
-    q, scale = quantize_rows(wte.weight.data)
+            setattr(owner, name, Int8Linear(*int8(f"transformer.h.{i}.{path}.weight", linear.weight),
+                                            None if linear.bias is None else linear.bias.data))
+    q, scale = int8("transformer.wte.weight", model.transformer.wte.weight)
     model.transformer.wte = Int8Embedding(q, scale)
     if model.config.tie_head:
         model.head = Int8Linear(q, scale)  # shadows GPT.head: the tied head reads the same int8 rows
     else:
-        model.head = Int8Linear.from_weight(model.lm_head.weight.data)
+        model.head = Int8Linear(*int8("lm_head.weight", model.lm_head.weight))
         del model._modules["lm_head"]
         object.__delattr__(model, "lm_head")
     _release_freed_memory()
@@ -178,3 +213,9 @@ def weight_bytes(model) -> int:
                 seen.add(id(a))
                 total += a.nbytes
     return total
+
+
+def float32_bytes(model) -> int:
+    """Bytes the model's weights take in float32 (what int8 is measured against)."""
+    from .model import GPT
+    return 4 * model.config.num_parameters("gpt" if isinstance(model, GPT) else "bigram")

@@ -152,3 +152,35 @@ def test_a_built_model_holds_the_read_arrays_not_a_random_copy():
     with tt.nn.skip_init():
         assert tt.nn.init_skipped()
     assert not tt.nn.init_skipped()
+
+
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_load_int8_quantizes_while_reading_to_the_same_arrays(tie_head):
+    """load_int8 converts each matrix as it is read (the float model never exists) and ends with the
+    same int8 arrays, and logits, as quantizing the built float model."""
+    from gpt.pretrained import Pretrained
+
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, tie_head=tie_head)
+    tt.manual_seed(4)
+    state = {k: v.copy() for k, v in GPT(config).state_dict().items()}
+    if not tie_head:
+        state["lm_head.weight"] = np.random.default_rng(5).normal(0, 0.02, (50, 32)).astype(np.float32)
+    seen = []
+
+    def read(convert=None):
+        out = {k: v.copy() for k, v in state.items()}
+        if convert is None:
+            return out
+        seen.extend(k for k in out)
+        return {k: convert(k, out.pop(k)) for k in list(out)}
+    src = Pretrained("mem", "checkpoint", "gpt", config, None, {}, read)
+    streamed, built = Q.load_int8(src), Q.quantize_int8(src.build())
+    assert len(seen) == len(state)  # each tensor went through the converter
+    a, b = streamed.transformer.h[1].mlp.c_fc, built.transformer.h[1].mlp.c_fc
+    assert isinstance(a, Q.Int8Linear)
+    np.testing.assert_array_equal(a.q, b.q)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    idx = np.arange(10)[None]
+    with tt.no_grad():
+        np.testing.assert_array_equal(streamed(idx)[0].numpy(), built(idx)[0].numpy())
+    assert Q.weight_bytes(streamed) == Q.weight_bytes(built)
