@@ -104,19 +104,20 @@ def mean_loss(model, ids: np.ndarray, block: int, windows: int) -> float:
     return float(np.mean(losses))
 
 
-def resident_mib(checkpoint: str, quantize: str) -> float:
-    """VmRSS (MiB) of a fresh process that loaded the model (as gpt.sample does) and decoded 3 tokens."""
+def resident_mib(checkpoint: str, quantize: str) -> dict:
+    """VmRSS and its peak VmHWM (MiB) of a fresh process that loaded the model as gpt.sample does
+    (int8: quantized while read) and decoded 3 tokens."""
     code = ("import sys, numpy as np, tinytensor as tt\n"
             "from gpt.generate import load_model\n"
-            "from gpt.quantize import quantize_int8\n"
-            f"m, tok, _ = load_model({checkpoint!r})\n"
-            f"m = quantize_int8(m) if {quantize!r} == 'int8' else m\n"
+            f"m, tok, _ = load_model({checkpoint!r}, quantize={quantize!r})\n"
             "tt.backend.keep_freed_memory()\n"
             "m.generate(np.array([[0]]), 3, temperature=0)\n"
-            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n")
+            "st = {l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith('Vm')}\n"
+            "print(st['VmRSS'], st['VmHWM'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    rss, peak = out.stdout.strip().splitlines()[-1].split()
+    return {"rss": round(int(rss) / 1024, 1), "peak": round(int(peak) / 1024, 1)}
 
 
 def tokenizer_speed(tokenizer, text: str, torch_side: bool, repeats: int):
@@ -182,13 +183,13 @@ def main(argv=None):
 def run(args, folder, torch, transformers) -> dict:
     from gpt import sample as sample_cli
     from gpt.pretrained import open_pretrained
-    from gpt.quantize import numba_available, quantize_int8, weight_bytes
+    from gpt.quantize import load_int8, numba_available, weight_bytes
 
     src = open_pretrained(folder)
     cfg = src.config
     result = {"model": f"GPT-2 shape {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, vocab {cfg.vocab_size}, random weights",
               "new_tokens": args.new_tokens, "machine": machine(torch), "numba": numba_available()}
-    ours, int8 = src.build(), quantize_int8(src.build())
+    ours, int8 = src.build(), load_int8(src)
     result["weights_mib"] = {"float32": round(weight_bytes(ours) / 2**20, 1), "int8": round(weight_bytes(int8) / 2**20, 1)}
     prompt_text = "Hello, my name is"
     prompt = np.array([src.tokenizer.encode(prompt_text)])
@@ -242,7 +243,7 @@ def run(args, folder, torch, transformers) -> dict:
 
     # memory and loss
     if not args.no_rss:
-        result["resident_mib"] = {q: round(resident_mib(str(folder), q), 1) for q in ("none", "int8")}
+        result["resident_mib"] = {q: resident_mib(str(folder), q) for q in ("none", "int8")}
     block = min(cfg.block_size, 256)
     f32, q8 = mean_loss(ours, val_ids, block, args.eval_windows), mean_loss(int8, val_ids, block, args.eval_windows)
     result["val_loss_random_124m"] = {"float32": round(f32, 5), "int8": round(q8, 5), "delta": round(q8 - f32, 5),

@@ -233,7 +233,9 @@ def _read_tensor(f, spec: TensorSpec, base: int, name: str, path) -> np.ndarray:
     return arr
 
 
-def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict[str, np.ndarray]:
+def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path, convert=None) -> dict[str, np.ndarray]:
+    """name -> array for ``names``; ``convert(name, array)``, when given, turns each one into what is
+    kept (e.g. int8) as soon as it is read, so the float tensors are never all held at once."""
     names = list(names)
     missing = [n for n in names if n not in specs]
     if missing:
@@ -243,17 +245,20 @@ def _read_tensors(f, specs: dict, base: int, names: Iterable[str], path) -> dict
         check_fits(sum(specs[n].nbytes for n in names), f"loading {path}", "use a machine with more memory")
     except ResourceError as exc:
         raise CheckpointError(str(exc)) from None
-    return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
+    if convert is None:
+        return {n: _read_tensor(f, specs[n], base, n, path) for n in names}
+    return {n: convert(n, _read_tensor(f, specs[n], base, n, path)) for n in names}
 
 
-def read_safetensors(path: Source, choose) -> tuple[dict, dict[str, np.ndarray]]:
+def read_safetensors(path: Source, choose, convert=None) -> tuple[dict, dict[str, np.ndarray]]:
     """(the header's ``__metadata__``, name -> array) from any safetensors file (e.g. Hugging Face's),
     read as boundedly as our own: ``choose(specs)`` judges the header's tensors (raising
-    CheckpointError) and returns the names to read, before any tensor is allocated."""
+    CheckpointError) and returns the names to read, before any tensor is allocated. ``convert``: see
+    _read_tensors."""
     path = _source(path)
     with _open(path) as (f, size):
         header_meta, specs, base = _read_safetensors_header(f, size, path)
-        return header_meta, _read_tensors(f, specs, base, choose(specs), path)
+        return header_meta, _read_tensors(f, specs, base, choose(specs), path, convert)
 
 
 def read_checkpoint_metadata(path: Source) -> tuple[dict, dict[str, TensorSpec]]:
@@ -416,14 +421,14 @@ def unpack_training_state(tensors: dict, metadata: dict, path="the checkpoint"):
     return model_state, {"type": opt_meta["type"], "state": state, "param_groups": groups}
 
 
-def read_model_weights(path: Source):
+def read_model_weights(path: Source, convert=None):
     """(model_type, GPTConfig, tokenizer, weights, metadata): the header and metadata validated
     first (nothing allocated for a bad file), then only the model's tensors read. ``path`` may
-    be an :class:`InMemoryCheckpoint`."""
+    be an :class:`InMemoryCheckpoint`. ``convert``: see _read_tensors."""
     path = _source(path)
     with _open(path) as (f, size):
         meta, specs, base = _read_header(f, size, path)
         model_type, config, tokenizer = validate_model_meta(meta, path, specs)
         names, _ = model_tensor_shapes(meta, config, model_type, path)  # a LoRA run's: base + adapters
-        weights = _read_tensors(f, specs, base, names, path)
+        weights = _read_tensors(f, specs, base, names, path, convert)
     return model_type, config, tokenizer, weights, meta

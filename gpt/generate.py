@@ -169,7 +169,7 @@ class KVCache:
         return F.cached_attention(qkv, self.keys[layer], self.values[layer], self.length, n_head)
 
 
-def load_model(path, backend: str = "numpy", adapter=None):
+def load_model(path, backend: str = "numpy", adapter=None, quantize: str = "none"):
     """(model, tokenizer, metadata) from a checkpoint written by ``gpt.train`` or a Hugging Face
     GPT-2 folder or file (gpt.pretrained), for inference. ``path`` may also be a
     ``gpt.checkpoint.InMemoryCheckpoint`` (an upload's bytes).
@@ -182,10 +182,15 @@ def load_model(path, backend: str = "numpy", adapter=None):
     The header and metadata are validated first (nothing is allocated for a bad
     file); then only the model's weights are read (never the optimizer's moments),
     and they must all be finite.
+
+    ``quantize="int8"``: int8 weights (gpt.quantize), quantized while they are read.
     """
     from .pretrained import open_pretrained
 
     src = open_pretrained(path)  # (a LoRA run's checkpoint: its adapters come merged into the base)
+    if quantize == "int8" and adapter is None:
+        from .quantize import load_int8
+        return load_int8(src, backend), src.tokenizer, src.meta
     model = src.build("numpy")
     if adapter is not None:
         from .lora import fold_lora, load_adapter

@@ -151,9 +151,11 @@ def _expected_hf_shapes(config: GPTConfig) -> dict[str, tuple]:
 
 
 def from_hf_weights(tensors: dict, config: GPTConfig) -> dict[str, np.ndarray]:
-    """Hugging Face GPT-2 tensors -> our state dict (float32, Conv1D matrices transposed)."""
+    """Hugging Face GPT-2 tensors -> our state dict (float32, Conv1D matrices transposed); empties
+    ``tensors`` as it goes."""
     out = {}
-    for hf_name, value in tensors.items():
+    for hf_name in list(tensors):
+        value = tensors.pop(hf_name)  # one transposed copy at a time, not a second model's worth
         name = _ours(hf_name, config)
         if name is not None:
             value = np.asarray(value, dtype=np.float32)
@@ -239,8 +241,14 @@ def open_hf_gpt2(path):
         return []
     read_safetensors(weights, header_only)
 
-    def read():
-        return from_hf_weights(read_safetensors(weights, choose)[1], config)
+    def read(convert=None):
+        if convert is None:
+            return from_hf_weights(read_safetensors(weights, choose)[1], config)
+
+        def ours(hf_name, value):  # each tensor in our layout before convert sees it
+            name = _ours(hf_name, config)
+            return convert(name, *from_hf_weights({hf_name: value}, config).values())
+        return {_ours(k, config): v for k, v in read_safetensors(weights, choose, ours)[1].items()}
     return Pretrained(weights, "hf-gpt2", "gpt", config, tokenizer, {"step": None, "source": "huggingface"}, read)
 
 

@@ -303,7 +303,10 @@ class GPT(nn.Module):
         """GPT-2 initialisation: N(0, 0.02), zero biases, and the projections that
         write into the residual stream scaled by 1/sqrt(2 n_layer) so its variance
         does not grow with depth. Options: zero_init_proj zeroes those projections, and an
-        untied head starts at zero (uniform predictions), as modded-nanogpt."""
+        untied head starts at zero (uniform predictions), as modded-nanogpt. Skipped under
+        nn.skip_init() (weights about to be loaded: gpt.pretrained)."""
+        if nn.init_skipped():
+            return
         rng = tt.backend.rng()
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():

@@ -43,26 +43,49 @@ class Pretrained:
     config: GPTConfig
     tokenizer: object
     meta: dict  # the checkpoint's metadata (step, ...); for Hugging Face, {"step": None, ...}
-    _read: Callable[[], dict]  # -> name -> float32 array, in our state-dict names
+    _read: Callable[..., dict]  # (convert=None) -> name -> float32 array (or convert's), our state-dict names
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """Our state-dict names -> arrays, shapes checked against ``config``, all finite."""
-        weights = self._read()
+    def weights(self, convert=None) -> dict[str, np.ndarray]:
+        """Our state-dict names -> arrays, shapes checked against ``config``, all finite.
+        ``convert(name, array)``: applied to each array as soon as it is read (and checked), its
+        result kept instead (gpt.quantize.load_int8: int8 rows, never the whole float model)."""
+        if convert is None:
+            weights = self._read()
+            self._check_finite(weights)
+            return weights
+
+        def checked(name, array):
+            self._check_finite({name: array})
+            return convert(name, array)
+        return self._read(checked)
+
+    def _check_finite(self, weights):
         ok, bad = weights_are_finite(weights)
         if not ok:
             raise CheckpointError(f"{self.path} holds non-finite weights (NaN/Inf) in {bad}; it cannot be used. "
                                   "Use ckpt_best.safetensors or an earlier checkpoint")
-        return weights
 
-    def build(self, backend: str = "numpy"):
-        """The model with these weights, on ``backend``."""
+    def build(self, backend: str = "numpy", convert=None):
+        """The model with these weights, on ``backend``. Its layers are built uninitialised
+        (nn.skip_init) and take the arrays read from the file as their parameters, without a copy:
+        loading holds one copy of the weights, not a random model's as well. ``convert``: see
+        ``weights`` (it must return arrays of the same shapes)."""
+        from tinytensor import nn
+
         from .model import MODELS
 
-        model = MODELS[self.model_type](self.config)
-        try:
-            model.load_state_dict(self.weights())
-        except (KeyError, ValueError) as exc:  # unreachable after the checks, but never a traceback
-            raise CheckpointError(f"{self.path}: weights do not fit the model: {exc}") from None
+        with nn.skip_init():
+            model = MODELS[self.model_type](self.config)
+        weights = self.weights(convert)
+        params = dict(model.named_parameters())
+        bad = sorted(set(params) ^ set(weights)) + [k for k, p in params.items()
+                                                    if k in weights and tuple(weights[k].shape) != p.shape]
+        if bad:  # unreachable after the header checks, but never a traceback
+            raise CheckpointError(f"{self.path}: weights do not fit the model: {', '.join(bad[:6])}")
+        for name, p in params.items():
+            w = weights.pop(name)
+            # (a zero-strided placeholder that a convert left, gpt.quantize's, is taken as it is)
+            p.data = w if w.dtype == p.dtype and 0 in w.strides else np.ascontiguousarray(w, dtype=p.dtype)
         return model.to(backend)
 
 
@@ -78,12 +101,13 @@ def _our_checkpoint(path: Path) -> Optional[Pretrained]:
         raise
     model_type, config, tokenizer = validate_model_meta(meta, path, specs)
 
-    def read():
-        weights = read_model_weights(path)[3]
-        if meta.get("lora") is not None:  # a LoRA run's: its adapters merged into the base (gpt.lora)
-            from .lora import merged_weights
-            weights = merged_weights(weights, config, meta["lora"])
-        return weights
+    def read(convert=None):
+        if meta.get("lora") is None:
+            return read_model_weights(path, convert)[3]
+        # a LoRA run's: its adapters merged into the base (gpt.lora), in float, then converted
+        from .lora import merged_weights
+        weights = merged_weights(read_model_weights(path)[3], config, meta["lora"])
+        return weights if convert is None else {k: convert(k, weights.pop(k)) for k in list(weights)}
     return Pretrained(path, "checkpoint", model_type, config, tokenizer, meta, read)
 
 

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError
 from .generate import check_sampling_args, load_model
 from .config import number_arg
 from .files import read_regular_file
-from .quantize import QUANTIZATIONS, numba_available, quantize_int8, weight_bytes
+from .quantize import QUANTIZATIONS, float32_bytes, numba_available, quantize_int8, weight_bytes
 from .sft import END, TEMPLATES, render_prompt
 from .signals import EXIT_INTERRUPTED, StopRequest
 from .tokenizer import TokenizerError
@@ -124,10 +124,10 @@ def generate(args, out) -> None:
     prompt = read_prompt_file(args.prompt_file) if args.prompt_file else args.prompt
     if args.template:
         prompt = render_prompt(prompt.strip("\n"))
-    model, tokenizer, meta = load_model(args.checkpoint, args.backend, adapter=args.adapter)
+    model, tokenizer, meta = load_model(args.checkpoint, args.backend, adapter=args.adapter, quantize=args.quantize)
     if args.quantize == "int8":
-        before = weight_bytes(model)
-        quantize_int8(model)
+        before = float32_bytes(model)
+        quantize_int8(model)  # (already int8 unless an adapter was merged in float first)
         _note(f"int8 weights: {before / 2**20:.1f} MiB -> {weight_bytes(model) / 2**20:.1f} MiB"
               + ("" if numba_available() or args.backend != "numpy" else
                  " (pip install numba for the fast int8 kernel; dequantizing by blocks instead)"))

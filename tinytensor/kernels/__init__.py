@@ -61,6 +61,15 @@ def module():
     return _state["module"]
 
 
+def quant_module():
+    """The int8 weight-kernel module (``tinytensor.kernels.quant``) when the kernels are on, else
+    None: the callers (gpt.quantize, ops.quant) then dequantize by blocks and use BLAS."""
+    if _state["off"] or module() is None:
+        return None
+    from . import quant
+    return quant
+
+
 def reason() -> str | None:
     module()
     return _state["reason"]

@@ -2,6 +2,7 @@
 built here and one built in PyTorch start from the same distributions."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -12,7 +13,35 @@ from ..tensor import DEFAULT_DTYPE
 from .module import Module, Parameter
 
 
+_skipping = [0]  # depth of skip_init() blocks
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Within it, Linear and Embedding allocate their weights uninitialised (``np.empty``: no random
+    draw, and the memory is not touched until written): for a model whose weights are loaded right
+    after (gpt.pretrained), so that loading does not first fill, and hold, a random copy.
+
+    >>> with skip_init():
+    ...     layer = Linear(4, 2)
+    >>> layer.weight.shape
+    (2, 4)
+    """
+    _skipping[0] += 1
+    try:
+        yield
+    finally:
+        _skipping[0] -= 1
+
+
+def init_skipped() -> bool:
+    """Whether a skip_init() block is active (a model's own initialisation checks it too)."""
+    return _skipping[0] > 0
+
+
 def _uniform(shape, bound):
+    if init_skipped():
+        return Parameter(np.empty(shape, DEFAULT_DTYPE))
     return Parameter(backend.rng().uniform(-bound, bound, shape).astype(DEFAULT_DTYPE))
 
 
@@ -38,7 +67,9 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = Parameter(backend.rng().standard_normal((num_embeddings, embedding_dim)).astype(DEFAULT_DTYPE))
+        shape = (num_embeddings, embedding_dim)
+        self.weight = Parameter(np.empty(shape, DEFAULT_DTYPE) if init_skipped()
+                                else backend.rng().standard_normal(shape).astype(DEFAULT_DTYPE))
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
