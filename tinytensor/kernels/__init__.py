@@ -61,6 +61,15 @@ def module():
     return _state["module"]
 
 
+def decode_module():
+    """The batch-1 decoding kernels (``tinytensor.kernels.decode``) when the kernels are on, else
+    None. The caller checks its arrays with ``for_arrays`` first."""
+    if _state["off"] or module() is None:
+        return None
+    from . import decode
+    return decode
+
+
 def reason() -> str | None:
     module()
     return _state["reason"]
@@ -113,4 +122,6 @@ def warm_up() -> float:
         return 0.0
     start = time.perf_counter()
     k.warm_up()
+    from . import decode  # the batch-1 decoding kernels (gpt.generate's first token would load them)
+    decode.warm_up()
     return time.perf_counter() - start
