@@ -182,7 +182,14 @@ class FusedDecoder:
     the model's forward: batch above 1, anything but float32 NumPy weights, kernels off or
     missing, or a model whose modules are not exactly gpt.model's (int8 layers from
     gpt.quantize, unmerged LoRA, a subclass): those keep their own code path.
+
+    ``parallel_products``: split each matrix-vector product over the cores (one parallel
+    region per product, 24 a token for 6 blocks) instead of running the whole token on the
+    calling thread. Off: on the shared 2-core machine it cost CPU time and wall time
+    (bench/RESULTS.md); ``python -m bench.sample`` measures both side by side.
     """
+
+    parallel_products = False
 
     @classmethod
     def for_model(cls, model, cache):
@@ -212,6 +219,7 @@ class FusedDecoder:
             return none if p is None else p.data
 
         self.kern, self.cache, self.n_head = kern, cache, cfg.n_head
+        self.block_step = kern.block_step_parallel if self.parallel_products else kern.block_step
         self.eps, self.rms = np.float32(cfg.norm_eps), cfg.norm == "rmsnorm"
         self.mlp_kind, self.qk_norm = kern.MLP_KINDS[cfg.mlp], cfg.qk_norm
         self.wte = tr.wte.weight.data
@@ -248,7 +256,7 @@ class FusedDecoder:
             angles = cache.position * self.inv_freq  # float64 from the absolute position, as rope_tables
             cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         for args in self.blocks:
-            kern.block_step(x, *args, cache.length, self.n_head, self.eps, self.rms, self.mlp_kind, self.qk_norm,
+            self.block_step(x, *args, cache.length, self.n_head, self.eps, self.rms, self.mlp_kind, self.qk_norm,
                             cos, sin, *self.scratch)
         cache.advance(1)
         kern.head_step(x, *self.final, self.scratch[0], self.logits[0, 0])

@@ -134,3 +134,20 @@ def test_warm_up_leaves_nothing_to_compile_for_the_first_token():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_parallel_products_give_the_same_logits(monkeypatch):
+    """The 2-thread copy of the block (rows of each product split over the cores) is the same sum
+    per output as the serial one."""
+    model = _model(pos="rope", mlp="swiglu")
+    ids = np.random.default_rng(4).integers(0, 23, (1, 10))
+    logits = []
+    for parallel in (False, True):
+        monkeypatch.setattr(G.FusedDecoder, "parallel_products", parallel)
+        with tt.no_grad():
+            cache = model.new_cache(1)
+            model(ids[:, :1], cache=cache)
+            fused = G.FusedDecoder.for_model(model, cache)
+            assert (fused.block_step is kernels.decode_module().block_step_parallel) == parallel
+            logits.append([fused.step(int(t)).data.copy() for t in ids[0, 1:]])
+    np.testing.assert_allclose(np.array(logits[0]), np.array(logits[1]), rtol=1e-6, atol=1e-6)

@@ -17,9 +17,10 @@ model's forward. Only float32 C-contiguous NumPy arrays come here (``kernels.dec
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .cpu import _GELU_A, _GELU_C, FASTMATH, _exp, _tanh
 
@@ -69,6 +70,22 @@ def _matvec(w, x, bias, out, accumulate):
             out[i] = acc
 
 
+@njit(parallel=True, **_opts)
+def _matvec_parallel(w, x, bias, out, accumulate):
+    """_matvec with its rows split over the cores."""
+    n, k = w.shape
+    for i in prange(n):
+        acc = _f(0.0)
+        for j in range(k):
+            acc += w[i, j] * x[j]
+        if bias.size:
+            acc += bias[i]
+        if accumulate:
+            out[i] += acc
+        else:
+            out[i] = acc
+
+
 @njit(**_opts)
 def _rms_inplace(v, lo, hi, eps):
     ss = _f(0.0)
@@ -88,7 +105,6 @@ def _rotate(v, lo, half, cos, sin):
         v[lo + half + i] = b * cos[i] + a * sin[i]
 
 
-@njit(**_opts)
 def block_step(x, ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc, w_proj, b_proj,
                keys, values, length, n_head, eps, rms, mlp_kind, qk_norm, cos, sin,
                h, qkv, att, scores, hidden):
@@ -156,6 +172,20 @@ def block_step(x, ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc
     _matvec(w_proj, hidden[:n_hidden], b_proj, x, True)
 
 
+def _with_parallel_products(fn):
+    """fn's loop with its matrix-vector products split over the cores: a copy of its code whose
+    _matvec is _matvec_parallel, under its own name (Numba's disk cache tells functions apart by
+    name). One parallel region per product: 4 per block."""
+    names = {**fn.__globals__, "_matvec": _matvec_parallel}
+    copy = types.FunctionType(fn.__code__, names, fn.__name__ + "_parallel", fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + "_parallel"
+    return njit(**_opts)(copy)
+
+
+block_step_parallel = _with_parallel_products(block_step)
+block_step = njit(**_opts)(block_step)
+
+
 @njit(**_opts)
 def head_step(x, w, b, eps, rms, w_head, h, logits):
     """logits (V,) = w_head @ norm_f(x): the final norm and the LM head (no bias)."""
@@ -172,9 +202,10 @@ def warm_up():
     x, g, b = np.ones(c, f), np.ones(c, f), np.zeros(c, f)
     kv = [np.zeros((n_head, cap, c // n_head), f) for _ in range(2)]
     cos, sin = np.ones(c // n_head // 2, f), np.zeros(c // n_head // 2, f)
-    for mlp_kind, (w, wb) in ((0, (g, b)), (2, (none, none))):  # with and without gain/bias arrays
+    for mlp_kind, (w, wb), step in ((0, (g, b), block_step), (2, (none, none), block_step),
+                                    (0, (g, b), block_step_parallel), (2, (none, none), block_step_parallel)):
         n_fc = 2 * hidden if mlp_kind == 2 else hidden
-        block_step(x, w, wb, np.ones((3 * c, c), f), np.zeros(3 * c, f), np.ones((c, c), f), wb, w, wb,
+        step(x, w, wb, np.ones((3 * c, c), f), np.zeros(3 * c, f), np.ones((c, c), f), wb, w, wb,
                    np.ones((n_fc, c), f), np.zeros(n_fc, f), np.ones((c, hidden), f), wb,
                    kv[0], kv[1], 0, n_head, f(1e-5), False, mlp_kind, False, none if mlp_kind == 0 else cos,
                    none if mlp_kind == 0 else sin, np.empty(c, f), np.empty(3 * c, f), np.empty(c, f),
