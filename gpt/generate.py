@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -219,7 +220,10 @@ class FusedDecoder:
             return none if p is None else p.data
 
         self.kern, self.cache, self.n_head = kern, cache, cfg.n_head
-        self.block_step = kern.block_step_parallel if self.parallel_products else kern.block_step
+        # the parallel copy from the main thread only: Numba's workqueue layer aborts when two threads
+        # launch parallel kernels at once (gpt.serve decodes on a worker thread)
+        parallel = self.parallel_products and threading.current_thread() is threading.main_thread()
+        self.block_step = kern.block_step_parallel if parallel else kern.block_step
         self.eps, self.rms = np.float32(cfg.norm_eps), cfg.norm == "rmsnorm"
         self.mlp_kind, self.qk_norm = kern.MLP_KINDS[cfg.mlp], cfg.qk_norm
         self.wte = tr.wte.weight.data
