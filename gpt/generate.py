@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     rng = np.random.default_rng(seed)
     was_training = model.training
     model.eval()
-    cache, context = None, idx[:, -block:]
+    cache, fused, context = None, None, idx[:, -block:]
     try:
         with tt.no_grad():
             for _ in range(max_new_tokens):
@@ -103,6 +104,9 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 elif cache is None or cache.needs_rebuild:
                     cache = model.new_cache(context.shape[0])  # (re)build from the cropped context
                     logits, _ = model(context, cache=cache, last_only=True)
+                    fused = FusedDecoder.for_model(model, cache)  # None: each token through model()
+                elif fused is not None:
+                    logits = fused.step(int(context[0, -1]))
                 else:
                     logits, _ = model(context[:, -1:], cache=cache, last_only=True)
                 nxt = sample_next(tt.backend.to_numpy(logits.data[:, -1, :]), temperature, top_k, top_p, rng)
@@ -167,6 +171,100 @@ class KVCache:
         token's step is dominated by per-op overhead, so the fewer ops the better.
         """
         return F.cached_attention(qkv, self.keys[layer], self.values[layer], self.length, n_head)
+
+
+class FusedDecoder:
+    """A GPT's cached decoding step at batch 1 on arrays: one kernel call per block
+    (``tinytensor.kernels.decode``) instead of a few dozen autograd ops, into buffers kept
+    from token to token. The same math as ``model(token, cache=cache)`` (tests/test_decode.py
+    holds the logits to the model's forward); the cache is the model's own ``KVCache``.
+
+    ``for_model`` returns None where the kernels do not apply, and the caller then runs
+    the model's forward: batch above 1, anything but float32 NumPy weights, kernels off or
+    missing, or a model whose modules are not exactly gpt.model's (int8 layers from
+    gpt.quantize, unmerged LoRA, a subclass): those keep their own code path.
+
+    ``parallel_products``: split each matrix-vector product over the cores (one parallel
+    region per product, 24 a token for 6 blocks) instead of running the whole token on the
+    calling thread. Off: on the shared 2-core machine it cost CPU time and wall time
+    (bench/RESULTS.md); ``python -m bench.sample`` measures both side by side.
+    """
+
+    parallel_products = False
+
+    @classmethod
+    def for_model(cls, model, cache):
+        from tinytensor import kernels, nn
+
+        from .model import GPT, MLP, Block, CausalSelfAttention, Norm
+
+        kern = kernels.decode_module()
+        if (kern is None or not isinstance(cache, KVCache) or cache.keys[0].shape[0] != 1 or type(model) is not GPT
+                or "head" in vars(model) or type(model.transformer.wte) is not nn.Embedding):
+            return None
+        tr = model.transformer
+        modules = [tr.ln_f] + [m for b in tr.h for m in (b, b.ln_1, b.attn, b.ln_2, b.mlp, b.attn.c_attn,
+                                                         b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        if any(type(m) not in (Block, Norm, CausalSelfAttention, MLP, nn.Linear) for m in modules):
+            return None
+        arrays = [p.data for p in model.parameters()] + cache.keys + cache.values
+        if kernels.for_arrays(*arrays) is None:
+            return None
+        return cls(model, cache, kern)
+
+    def __init__(self, model, cache, kern):
+        cfg, tr = model.config, model.transformer
+        self.none = none = np.empty(0, np.float32)  # an absent gain or bias (or no RoPE)
+
+        def data(p):
+            return none if p is None else p.data
+
+        self.kern, self.cache, self.n_head = kern, cache, cfg.n_head
+        # the parallel copy from the main thread only: Numba's workqueue layer aborts when two threads
+        # launch parallel kernels at once (gpt.serve decodes on a worker thread)
+        parallel = self.parallel_products and threading.current_thread() is threading.main_thread()
+        self.block_step = kern.block_step_parallel if parallel else kern.block_step
+        self.eps, self.rms = np.float32(cfg.norm_eps), cfg.norm == "rmsnorm"
+        self.mlp_kind, self.qk_norm = kern.MLP_KINDS[cfg.mlp], cfg.qk_norm
+        self.wte = tr.wte.weight.data
+        self.wpe = tr.wpe.weight.data if cfg.pos == "learned" else None
+        hs = cfg.n_embd // cfg.n_head
+        self.inv_freq = None if cfg.pos == "learned" else 10000.0 ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)
+        self.blocks = [(data(b.ln_1.weight), data(b.ln_1.bias), b.attn.c_attn.weight.data, data(b.attn.c_attn.bias),
+                        b.attn.c_proj.weight.data, data(b.attn.c_proj.bias), data(b.ln_2.weight), data(b.ln_2.bias),
+                        b.mlp.c_fc.weight.data, data(b.mlp.c_fc.bias), b.mlp.c_proj.weight.data,
+                        data(b.mlp.c_proj.bias), cache.keys[i][0], cache.values[i][0])
+                       for i, b in enumerate(tr.h)]
+        self.final = (data(tr.ln_f.weight), data(tr.ln_f.bias), self.eps, self.rms,
+                      (tr.wte.weight if cfg.tie_head else model.lm_head.weight).data)
+        C, f = cfg.n_embd, np.float32
+        self.x = np.empty(C, f)  # the residual stream
+        self.scratch = (np.empty(C, f), np.empty(3 * C, f), np.empty(C, f), np.empty(cfg.block_size, f),
+                        np.empty(tr.h[0].mlp.c_fc.weight.shape[0], f))
+        self.logits = np.empty((1, 1, self.wte.shape[0] if cfg.tie_head else model.lm_head.weight.shape[0]), f)
+
+    def step(self, token: int):
+        """Logits (1, 1, V) after feeding ``token`` at the cache's next position (a Tensor, as
+        the model's forward returns; its array is reused by the next step)."""
+        cache, kern, x = self.cache, self.kern, self.x
+        if not 0 <= token < self.wte.shape[0]:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.wte.shape[0]})")
+        cache.make_room(1)  # a sliding (RoPE) cache drops its oldest token past the window
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the KV cache is full ({cache.capacity} tokens): rebuild it from the cropped context")
+        x[:] = self.wte[token]
+        if self.wpe is not None:
+            x += self.wpe[cache.position]
+            cos = sin = self.none
+        else:
+            angles = cache.position * self.inv_freq  # float64 from the absolute position, as rope_tables
+            cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        for args in self.blocks:
+            self.block_step(x, *args, cache.length, self.n_head, self.eps, self.rms, self.mlp_kind, self.qk_norm,
+                            cos, sin, *self.scratch)
+        cache.advance(1)
+        kern.head_step(x, *self.final, self.scratch[0], self.logits[0, 0])
+        return tt.Tensor(self.logits)
 
 
 def load_model(path, backend: str = "numpy", adapter=None, quantize: str = "none"):

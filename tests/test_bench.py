@@ -19,6 +19,7 @@ def test_train_step_quick_reports_fields():
 def test_sample_quick_cache_matches_recompute():
     r = sample.main(["--quick"])
     assert r["identical"], "greedy KV-cache decoding must equal full recompute"
+    assert r.get("identical_parallel", True), "the 2-thread fused decoder must decode the same tokens"
     assert r["kv_cache_tok_s"] > 0 and r["recompute_tok_s"] > 0
 
 

@@ -68,6 +68,13 @@ def quant_module():
         return None
     from . import quant
     return quant
+def decode_module():
+    """The batch-1 decoding kernels (``tinytensor.kernels.decode``) when the kernels are on, else
+    None. The caller checks its arrays with ``for_arrays`` first."""
+    if _state["off"] or module() is None:
+        return None
+    from . import decode
+    return decode
 
 
 def reason() -> str | None:
@@ -135,4 +142,6 @@ def warm_up() -> float:
     start = time.perf_counter()
     k.warm_up()
     modern_module().warm_up()
+    from . import decode  # the batch-1 decoding kernels (gpt.generate's first token would load them)
+    decode.warm_up()
     return time.perf_counter() - start
