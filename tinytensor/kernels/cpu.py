@@ -200,23 +200,31 @@ def layer_norm_backward(x, mean, rstd, weight, g, gx, gw_parts, gb_parts):
 # ---- softmax over rows, with a causal mask: row i of a (.., Tq, Tk) block sees keys
 #      0 .. i + Tk - Tq (queries are the last Tq of the Tk positions); the rest is 0
 
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, inline="always")
+def _softmax_row(src, dst, end):
+    """dst[:end] = softmax(src[:end]) (dst may be src); returns (max, sum of exp(src - max)), which
+    make the row's log-sum-exp. The one softmax loop: the attention rows and cross-entropy use it."""
+    m = src[0]
+    for j in range(1, end):
+        m = max(m, src[j])
+    s = _f(0.0)
+    for j in range(end):
+        e = _exp(src[j] - m)
+        dst[j] = e
+        s += e
+    inv = _f(1.0) / s
+    for j in range(end):
+        dst[j] *= inv
+    return m, s
+
+
 @kernel
 def softmax_rows(a, t_q, causal):
     """In place: each row of a (R, Tk) (R = blocks * t_q) becomes its softmax."""
     rows, t_k = a.shape
     for i in prange(rows):
         end = (i % t_q) + t_k - t_q + 1 if causal else t_k
-        m = a[i, 0]
-        for j in range(1, end):
-            m = max(m, a[i, j])
-        s = _f(0.0)
-        for j in range(end):
-            e = _exp(a[i, j] - m)
-            a[i, j] = e
-            s += e
-        inv = _f(1.0) / s
-        for j in range(end):
-            a[i, j] *= inv
+        _softmax_row(a[i], a[i], end)
         for j in range(end, t_k):
             a[i, j] = _f(0.0)
 
@@ -240,17 +248,7 @@ def cross_entropy_forward(logits, targets, ignore_index, probs, nll):
     """probs = softmax(logits) per row; nll[i] = logsumexp - logit of the target (0 if ignored)."""
     n, v = logits.shape
     for i in prange(n):
-        m = logits[i, 0]
-        for j in range(1, v):
-            m = max(m, logits[i, j])
-        s = _f(0.0)
-        for j in range(v):
-            e = _exp(logits[i, j] - m)
-            probs[i, j] = e
-            s += e
-        inv = _f(1.0) / s
-        for j in range(v):
-            probs[i, j] *= inv
+        m, s = _softmax_row(logits[i], probs[i], v)
         t = targets[i]
         nll[i] = _f(0.0) if t == ignore_index else np.log(s) + m - logits[i, t]
 
