@@ -131,8 +131,24 @@ def test_embedding_backward():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_multi_head_attention(dropout):
+    uses = ("softmax_rows", "dropout_forward", "softmax_dropout_backward_rows") if dropout else (
+        "softmax_rows", "softmax_backward_rows")
     assert_same(run_both(lambda qkv: F.multi_head_attention(qkv, 4, dropout_p=dropout), normal(2, 17, 96),
-                         uses=("softmax_rows", "softmax_backward_rows")))
+                         uses=uses))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_is_the_numpy_path_bit_for_bit(p):
+    x = normal(5, 7, 33)
+    x[0, 0, :3] = [np.nan, -0.0, np.inf]
+    (ref, ref_g), (out, g) = run_both(lambda x: F.dropout(x, p), x, uses=("dropout_forward", "dropout_backward"))
+    assert 0.05 < np.mean(out == 0) < 0.95  # some dropped, some kept
+    np.testing.assert_array_equal(out, ref)  # the same draws, the same mask, the same rounding
+    np.testing.assert_array_equal(g[0], ref_g[0])
+
+
+def test_dropout_of_a_non_contiguous_input():
+    assert_same(run_both(lambda x: F.dropout(x.T, 0.3), normal(40, 6), uses=("dropout_forward", "dropout_backward")))
 
 
 @pytest.mark.parametrize("causal, tq, tk", [(True, 5, 12), (False, 7, 12), (True, 1, 9)])

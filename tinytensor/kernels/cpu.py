@@ -241,6 +241,41 @@ def softmax_backward_rows(p, g):
             g[i, j] = p[i, j] * (g[i, j] - d)
 
 
+@kernel
+def softmax_dropout_backward_rows(p, keep, scale, g):
+    """The same after dropout on the weights: g = p * (g' - sum(g' * p)) with g' = g * keep * scale
+    (the gradient reaching the weights before dropout), in place on g."""
+    rows, t_k = p.shape
+    for i in prange(rows):
+        d = _f(0.0)
+        for j in range(t_k):
+            gj = g[i, j] * scale if keep[i, j] else _f(0.0)
+            g[i, j] = gj
+            d += gj * p[i, j]
+        for j in range(t_k):
+            g[i, j] = p[i, j] * (g[i, j] - d)
+
+
+# ---- dropout from uniform draws u (tinytensor's one generator draws them, so the masks are the
+#      NumPy path's): keep = u >= p as a bool mask (a quarter of a float32 mask's memory),
+#      y = x * scale where kept, else x * 0 (the NumPy path's x * mask, bit for bit)
+
+@kernel
+def dropout_forward(x, u, p, scale, keep, y):
+    """Flat arrays: keep[i] = u[i] >= p; y[i] = x[i] * (scale or 0)."""
+    for i in prange(x.size):
+        k = u[i] >= p
+        keep[i] = k
+        y[i] = x[i] * (scale if k else _f(0.0))
+
+
+@kernel
+def dropout_backward(g, keep, scale, gx):
+    """Flat arrays: gx[i] = g[i] * (scale or 0)."""
+    for i in prange(g.size):
+        gx[i] = g[i] * (scale if keep[i] else _f(0.0))
+
+
 # ---- softmax cross-entropy of (N, V) logits against (N,) integer targets
 
 @kernel
@@ -322,6 +357,12 @@ def warm_up():
                 variant(out, 2, True)
             elif k is softmax_backward_rows:
                 variant(x, out)
+            elif k is softmax_dropout_backward_rows:
+                variant(x, x > 0, f(1.25), out)
+            elif k is dropout_forward:
+                variant(x.ravel(), g.ravel(), f(0.2), np.empty(64, np.bool_), out.ravel())
+            elif k is dropout_backward:
+                variant(g.ravel(), x.ravel() > 0, f(1.25), out.ravel())
             elif k is cross_entropy_forward:
                 variant(x, t, i64(-1), out, m)
             elif k is cross_entropy_backward:

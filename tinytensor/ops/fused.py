@@ -338,12 +338,23 @@ class Dropout(Function):
 
     def forward(self, x, p=0.5):
         xp = xp_of(x)
-        keep = backend.uniform(xp, x.shape, np.float32) >= p
-        self.mask = keep.astype(x.dtype)
+        u = backend.uniform(xp, x.shape, np.float32)
+        k = kernels.for_arrays(x, contiguous=False)
+        if k is not None:  # one pass; keeps a bool mask (the same draws, the same bits as below)
+            x, y = np.ascontiguousarray(x), np.empty(x.shape, np.float32)
+            self.mask, self.keep, self.scale = None, np.empty(x.shape, np.bool_), np.float32(1.0 / (1.0 - p))
+            k.dropout_forward(x.reshape(-1), u.reshape(-1), np.float32(p), self.scale, self.keep.reshape(-1),
+                              y.reshape(-1))
+            return y
+        self.mask = (u >= p).astype(x.dtype)
         self.mask *= 1.0 / (1.0 - p)
         return x * self.mask
 
     def backward(self, g):
+        if self.mask is None:
+            g, gx = np.ascontiguousarray(g, np.float32), np.empty(self.keep.shape, np.float32)
+            kernels.module().dropout_backward(g.reshape(-1), self.keep.reshape(-1), self.scale, gx.reshape(-1))
+            return gx
         return g * self.mask
 
 
