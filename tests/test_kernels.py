@@ -239,3 +239,14 @@ def test_threads_other_than_the_main_one_run_the_serial_copies():
         t.join()
     for r in results:
         np.testing.assert_allclose(r, want, rtol=1e-6, atol=1e-7)
+
+
+def test_warm_up_runs_every_kernel_both_copies(monkeypatch):
+    k = kernels.module()
+    ran = []
+    for kern in k._KERNELS:
+        for copy in ("parallel", "serial"):
+            real = getattr(kern, copy)
+            monkeypatch.setattr(kern, copy, lambda *a, _real=real, _n=f"{kern.__name__}.{copy}": (ran.append(_n), _real(*a))[1])
+    assert kernels.warm_up() > 0
+    assert sorted(ran) == sorted(f"{kern.__name__}.{c}" for kern in k._KERNELS for c in ("parallel", "serial"))

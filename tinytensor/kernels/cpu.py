@@ -360,7 +360,7 @@ def warm_up():
             elif k is softmax_dropout_backward_rows:
                 variant(x, x > 0, f(1.25), out)
             elif k is dropout_forward:
-                variant(x.ravel(), g.ravel(), f(0.2), np.empty(64, np.bool_), out.ravel())
+                variant(x.ravel(), g.ravel(), f(0.2), f(1.25), np.empty(64, np.bool_), out.ravel())
             elif k is dropout_backward:
                 variant(g.ravel(), x.ravel() > 0, f(1.25), out.ravel())
             elif k is cross_entropy_forward:
