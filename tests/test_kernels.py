@@ -158,6 +158,17 @@ def test_scaled_dot_product_attention(causal, tq, tk):
                          uses=("softmax_rows", "softmax_backward_rows")))
 
 
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_softmax_over_the_last_axis(axis):
+    x = normal(3, 4, 37, scale=5.0)
+    assert_same(run_both(lambda x: F.softmax(x, axis=axis), x, uses=("softmax_rows", "softmax_backward_rows")))
+
+
+def test_softmax_over_another_axis_and_of_a_view():
+    assert_same(run_both(lambda x: F.softmax(x, axis=0), normal(6, 9), uses=()))
+    assert_same(run_both(lambda x: F.softmax(x.T, axis=-1), normal(6, 9), uses=("softmax_rows",)))
+
+
 def test_softmax_rows_masks_exactly():
     a = normal(2 * 4, 6, scale=10.0)
     kernels.module().softmax_rows(a, 4, True)  # queries are the last 4 of 6 positions
