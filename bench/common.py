@@ -84,7 +84,8 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOU
 def describe_machine(info: dict) -> str:
     """``machine()`` as the line a benchmark prints first."""
     env = " ".join(f"{k}={v}" for k, v in info["env"].items()) or "no thread variables set"
-    return f"{info['cpu']}, {info['cores']} cores; threads {info['threads']}; {env}; {info['kernels']}"
+    return (f"{info['cpu']}, {info['cores']} cores; threads {info['threads']}; {env}; {info['kernels']}; "
+            f"{info.get('allocator', '')} (both sides: one process)")
 
 
 def machine(torch=None) -> dict:
@@ -101,10 +102,10 @@ def machine(torch=None) -> dict:
         blas = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
     except ImportError:
         blas = None
-    from tinytensor import kernels
+    from tinytensor import kernels, memory
     k = kernels.module()
     info = {"cpu": cpu or "unknown", "cores": os.cpu_count(), "numpy": np.__version__,
-            "threads": {"numpy_blas": blas}, "kernels": kernels.describe(),
+            "threads": {"numpy_blas": blas}, "kernels": kernels.describe(), "allocator": memory.describe(),
             "env": {name: os.environ[name] for name in THREAD_ENV if name in os.environ}}
     if k is not None:
         import numba

@@ -1,9 +1,11 @@
 """Engine semantics: accumulation, graph freeing, deep graphs, no_grad, dtypes, errors, Tensor API."""
 import builtins
 import gc
+import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import tinytensor as tt
 import tinytensor.functional as F
 
 from engine_strategies import leaf, to_np
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # -- accumulation and graph lifetime ------------------------------------------------------------
@@ -292,35 +296,90 @@ def test_unknown_backend_name():
     assert issubclass(tt.BackendError, RuntimeError)
 
 
-# -- allocator tuning: a program's choice, never an import's side effect ------------------------------------
+# -- allocator tuning (tinytensor.memory): programs and the first backward, never an import ---------------------
 def test_importing_tinytensor_leaves_the_allocator_alone():
     code = ("import ctypes\n"
             "loaded = []\n"
             "real_cdll = ctypes.CDLL\n"
             "ctypes.CDLL = lambda name, *a, **k: loaded.append(name) or real_cdll(name, *a, **k)\n"
-            "import tinytensor, tinytensor.nn, tinytensor.optim, tinytensor.ops\n"
+            "import numpy as np, tinytensor, tinytensor.nn, tinytensor.optim, tinytensor.ops\n"
+            "with tinytensor.no_grad():\n"
+            "    tinytensor.nn.Linear(3, 2)(tinytensor.ones(4, 3))  # forward passes leave it alone too\n"
             "assert not [n for n in loaded if 'libc' in str(n)], loaded\n"
-            "assert tinytensor.backend._freed_memory_kept is False\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+            "assert tinytensor.memory._state['applied'] is False\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class _FakeLibc:
+    """Stands in for glibc: records mallopt calls, accepts them as glibc does (returns 1)."""
+
+    def __init__(self):
+        self.calls = []
+        self.mallopt = lambda param, value: self.calls.append((param, value)) or 1
+
+    def gnu_get_libc_version(self):
+        return b"2.99"
+
+    @staticmethod
+    def real_glibc() -> bool:
+        return tt.memory._mallopt() is not None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_once_and_can_be_switched_off(monkeypatch):
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1  # success, as glibc's
-
-    monkeypatch.setattr(tt.backend.ctypes, "CDLL", lambda name: FakeLibc())
-    monkeypatch.setattr(tt.backend, "_freed_memory_kept", False)
+    libc = _FakeLibc()
+    monkeypatch.setattr(tt.memory.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(tt.memory, "_state", {"applied": False, "reason": None})
     monkeypatch.setenv("TINYTENSOR_MALLOC_TUNING", "0")
-    assert tt.backend.keep_freed_memory() is False and calls == []
+    assert tt.backend.keep_freed_memory() is False and libc.calls == []
+    assert "TINYTENSOR_MALLOC_TUNING=0" in tt.memory.describe()
     monkeypatch.delenv("TINYTENSOR_MALLOC_TUNING")
+    monkeypatch.setattr(tt.memory, "_state", {"applied": False, "reason": None})
     assert tt.backend.keep_freed_memory() is True
     assert tt.backend.keep_freed_memory() is True
-    assert len(calls) == 3  # three settings, applied once
+    assert libc.calls == list(tt.memory.SETTINGS)  # applied once
+    assert (tt.memory.M_MMAP_MAX, 0) in libc.calls  # every block from the heap: no mmap, no page faults
+    assert (tt.memory.M_TRIM_THRESHOLD, -1) in libc.calls  # -1 = never trim (mallopt(3))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.parametrize("switch", ["", "0"])
+def test_the_first_numpy_backward_tunes_the_allocator_unless_switched_off(monkeypatch, switch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(tt.memory.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(tt.memory, "_state", {"applied": False, "reason": None})
+    monkeypatch.setenv("TINYTENSOR_MALLOC_TUNING", switch or "1")
+    x = tt.tensor(np.ones(3, np.float32), requires_grad=True)
+    with tt.no_grad():
+        x * 2  # a forward alone leaves it
+    assert libc.calls == []
+    (x * x).sum().backward()
+    (x * x).sum().backward()
+    assert libc.calls == ([] if switch == "0" else list(tt.memory.SETTINGS))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_after_tuning_a_big_temporary_reuses_mapped_memory():
+    """In fresh processes: after the first backward, a new 64 MB array lands in the memory a freed
+    one left mapped (no page faults); with TINYTENSOR_MALLOC_TUNING=0 glibc maps it anew and every
+    page (or huge page) faults in again."""
+    code = ("import resource, numpy as np, tinytensor as tt\n"
+            "x = tt.tensor(np.ones(3, np.float32), requires_grad=True); (x * x).sum().backward()\n"
+            "a = np.ones(16 << 20, np.float32); del a\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "b = np.ones(16 << 20, np.float32)\n"
+            "print(tt.memory._state['applied'], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    out = {}
+    for switch in ("1", "0"):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TINYTENSOR_MALLOC_TUNING": switch}
+        applied, faults = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True,
+                                         text=True).stdout.split()
+        out[switch] = (applied, int(faults))
+    if not _FakeLibc.real_glibc():
+        pytest.skip("not glibc: nothing is tuned")
+    assert out["1"][0] == "True" and out["0"][0] == "False", out
+    # 64 MB is 32 huge pages or 16384 small ones: untuned it faults at least 32 times, tuned (almost) never
+    assert out["0"][1] >= 32 and out["1"][1] < 8, out
 
 
 # -- Tensor API -------------------------------------------------------------------------------------------

@@ -131,8 +131,24 @@ def test_embedding_backward():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_multi_head_attention(dropout):
+    uses = ("softmax_rows", "dropout_forward", "softmax_dropout_backward_rows") if dropout else (
+        "softmax_rows", "softmax_backward_rows")
     assert_same(run_both(lambda qkv: F.multi_head_attention(qkv, 4, dropout_p=dropout), normal(2, 17, 96),
-                         uses=("softmax_rows", "softmax_backward_rows")))
+                         uses=uses))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_is_the_numpy_path_bit_for_bit(p):
+    x = normal(5, 7, 33)
+    x[0, 0, :3] = [np.nan, -0.0, np.inf]
+    (ref, ref_g), (out, g) = run_both(lambda x: F.dropout(x, p), x, uses=("dropout_forward", "dropout_backward"))
+    assert 0.05 < np.mean(out == 0) < 0.95  # some dropped, some kept
+    np.testing.assert_array_equal(out, ref)  # the same draws, the same mask, the same rounding
+    np.testing.assert_array_equal(g[0], ref_g[0])
+
+
+def test_dropout_of_a_non_contiguous_input():
+    assert_same(run_both(lambda x: F.dropout(x.T, 0.3), normal(40, 6), uses=("dropout_forward", "dropout_backward")))
 
 
 @pytest.mark.parametrize("causal, tq, tk", [(True, 5, 12), (False, 7, 12), (True, 1, 9)])
@@ -140,6 +156,17 @@ def test_scaled_dot_product_attention(causal, tq, tk):
     q, k, v = normal(2, 3, tq, 8), normal(2, 3, tk, 8, seed=1), normal(2, 3, tk, 8, seed=2)
     assert_same(run_both(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), q, k, v,
                          uses=("softmax_rows", "softmax_backward_rows")))
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_softmax_over_the_last_axis(axis):
+    x = normal(3, 4, 37, scale=5.0)
+    assert_same(run_both(lambda x: F.softmax(x, axis=axis), x, uses=("softmax_rows", "softmax_backward_rows")))
+
+
+def test_softmax_over_another_axis_and_of_a_view():
+    assert_same(run_both(lambda x: F.softmax(x, axis=0), normal(6, 9), uses=()))
+    assert_same(run_both(lambda x: F.softmax(x.T, axis=-1), normal(6, 9), uses=("softmax_rows",)))
 
 
 def test_softmax_rows_masks_exactly():
@@ -223,3 +250,14 @@ def test_threads_other_than_the_main_one_run_the_serial_copies():
         t.join()
     for r in results:
         np.testing.assert_allclose(r, want, rtol=1e-6, atol=1e-7)
+
+
+def test_warm_up_runs_every_kernel_both_copies(monkeypatch):
+    k = kernels.module()
+    ran = []
+    for kern in k._KERNELS:
+        for copy in ("parallel", "serial"):
+            real = getattr(kern, copy)
+            monkeypatch.setattr(kern, copy, lambda *a, _real=real, _n=f"{kern.__name__}.{copy}": (ran.append(_n), _real(*a))[1])
+    assert kernels.warm_up() > 0
+    assert sorted(ran) == sorted(f"{kern.__name__}.{c}" for kern in k._KERNELS for c in ("parallel", "serial"))

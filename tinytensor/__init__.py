@@ -14,9 +14,9 @@ from .backend import BackendError, cupy_available, get_rng_state, manual_seed, s
 from .functional import cat, stack, where
 from .tensor import (PRIMITIVES, Tensor, arange, enable_grad, full, is_grad_enabled, no_grad, ones, rand,
                      randn, tensor, zeros)
-from . import kernels, nn, optim, testing  # noqa: E402
+from . import kernels, memory, nn, optim, testing  # noqa: E402
 
 __all__ = ["Tensor", "tensor", "zeros", "ones", "full", "randn", "rand", "arange", "no_grad", "enable_grad",
            "is_grad_enabled", "cat", "stack", "where", "manual_seed", "get_rng_state", "set_rng_state",
            "BackendError", "checkpoint", "cupy_available", "PRIMITIVES", "nn", "optim", "functional", "testing",
-           "kernels"]
+           "kernels", "memory"]

@@ -10,11 +10,9 @@ CuPy), obtained from here. Nothing else in the package imports CuPy.
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-
 import numpy as np
+
+from .memory import keep_freed_memory  # noqa: F401 (programs call backend.keep_freed_memory())
 
 BACKENDS = ("numpy", "cupy")
 
@@ -66,46 +64,6 @@ def _check_kernels(cupy) -> None:
             "for the CUDA major version `nvidia-smi` shows (pip install -e \".[cuda12]\" or \".[cuda13]\") "
             "and its CUDA libraries (e.g. pip install \"cupy-cuda12x[ctk]\"), or use --backend numpy."
         ) from None
-
-
-_freed_memory_kept = False
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in this process instead of returning it to the kernel.
-
-    A program that trains or samples calls this once at its start (``gpt.train``,
-    ``gpt.sample`` and the benchmarks do); importing tinytensor never does, so a
-    process that merely uses it (a web server, a notebook) keeps its allocator as it was.
-
-    Why: every op allocates its output with malloc, and by default glibc hands large
-    freed blocks back to the kernel, so without this NumPy's temporaries page-fault
-    back in every training step: measured here, 44 -> 35 ms a step on the small GPT.
-    Peak memory is unchanged; freed memory just stays reserved for reuse. The setting
-    is process-wide and lasts until the process exits.
-
-    Idempotent. Returns True when the allocator is tuned (by this call or an earlier
-    one), False when it was left alone: not Linux with glibc (e.g. macOS, musl), or
-    the environment variable TINYTENSOR_MALLOC_TUNING=0. In a program's ``main``::
-
-        from tinytensor import backend
-        backend.keep_freed_memory()
-    """
-    global _freed_memory_kept
-    if _freed_memory_kept:
-        return True
-    if not sys.platform.startswith("linux") or os.environ.get("TINYTENSOR_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MB (glibc's maximum) from the heap, not mmap
-    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)  # do not shrink the heap after every free
-    ok &= mallopt(M_TOP_PAD, 64 << 20)
-    _freed_memory_kept = ok == 1  # mallopt returns 1 on success
-    return _freed_memory_kept
 
 
 def cupy_available() -> bool:

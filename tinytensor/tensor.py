@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from . import backend
+from . import backend, memory
 
 DEFAULT_DTYPE = np.float32
 
@@ -347,6 +347,8 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require grad (no input had requires_grad=True, or it was made under no_grad)")
         xp = self.xp
+        if xp is np:  # training on the host: keep freed memory mapped from now on (tinytensor.memory)
+            memory.on_first_backward()
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError(

@@ -200,23 +200,31 @@ def layer_norm_backward(x, mean, rstd, weight, g, gx, gw_parts, gb_parts):
 # ---- softmax over rows, with a causal mask: row i of a (.., Tq, Tk) block sees keys
 #      0 .. i + Tk - Tq (queries are the last Tq of the Tk positions); the rest is 0
 
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, inline="always")
+def _softmax_row(src, dst, end):
+    """dst[:end] = softmax(src[:end]) (dst may be src); returns (max, sum of exp(src - max)), which
+    make the row's log-sum-exp. The one softmax loop: the attention rows and cross-entropy use it."""
+    m = src[0]
+    for j in range(1, end):
+        m = max(m, src[j])
+    s = _f(0.0)
+    for j in range(end):
+        e = _exp(src[j] - m)
+        dst[j] = e
+        s += e
+    inv = _f(1.0) / s
+    for j in range(end):
+        dst[j] *= inv
+    return m, s
+
+
 @kernel
 def softmax_rows(a, t_q, causal):
     """In place: each row of a (R, Tk) (R = blocks * t_q) becomes its softmax."""
     rows, t_k = a.shape
     for i in prange(rows):
         end = (i % t_q) + t_k - t_q + 1 if causal else t_k
-        m = a[i, 0]
-        for j in range(1, end):
-            m = max(m, a[i, j])
-        s = _f(0.0)
-        for j in range(end):
-            e = _exp(a[i, j] - m)
-            a[i, j] = e
-            s += e
-        inv = _f(1.0) / s
-        for j in range(end):
-            a[i, j] *= inv
+        _softmax_row(a[i], a[i], end)
         for j in range(end, t_k):
             a[i, j] = _f(0.0)
 
@@ -233,6 +241,41 @@ def softmax_backward_rows(p, g):
             g[i, j] = p[i, j] * (g[i, j] - d)
 
 
+@kernel
+def softmax_dropout_backward_rows(p, keep, scale, g):
+    """The same after dropout on the weights: g = p * (g' - sum(g' * p)) with g' = g * keep * scale
+    (the gradient reaching the weights before dropout), in place on g."""
+    rows, t_k = p.shape
+    for i in prange(rows):
+        d = _f(0.0)
+        for j in range(t_k):
+            gj = g[i, j] * scale if keep[i, j] else _f(0.0)
+            g[i, j] = gj
+            d += gj * p[i, j]
+        for j in range(t_k):
+            g[i, j] = p[i, j] * (g[i, j] - d)
+
+
+# ---- dropout from uniform draws u (tinytensor's one generator draws them, so the masks are the
+#      NumPy path's): keep = u >= p as a bool mask (a quarter of a float32 mask's memory),
+#      y = x * scale where kept, else x * 0 (the NumPy path's x * mask, bit for bit)
+
+@kernel
+def dropout_forward(x, u, p, scale, keep, y):
+    """Flat arrays: keep[i] = u[i] >= p; y[i] = x[i] * (scale or 0)."""
+    for i in prange(x.size):
+        k = u[i] >= p
+        keep[i] = k
+        y[i] = x[i] * (scale if k else _f(0.0))
+
+
+@kernel
+def dropout_backward(g, keep, scale, gx):
+    """Flat arrays: gx[i] = g[i] * (scale or 0)."""
+    for i in prange(g.size):
+        gx[i] = g[i] * (scale if keep[i] else _f(0.0))
+
+
 # ---- softmax cross-entropy of (N, V) logits against (N,) integer targets
 
 @kernel
@@ -240,17 +283,7 @@ def cross_entropy_forward(logits, targets, ignore_index, probs, nll):
     """probs = softmax(logits) per row; nll[i] = logsumexp - logit of the target (0 if ignored)."""
     n, v = logits.shape
     for i in prange(n):
-        m = logits[i, 0]
-        for j in range(1, v):
-            m = max(m, logits[i, j])
-        s = _f(0.0)
-        for j in range(v):
-            e = _exp(logits[i, j] - m)
-            probs[i, j] = e
-            s += e
-        inv = _f(1.0) / s
-        for j in range(v):
-            probs[i, j] *= inv
+        m, s = _softmax_row(logits[i], probs[i], v)
         t = targets[i]
         nll[i] = _f(0.0) if t == ignore_index else np.log(s) + m - logits[i, t]
 
@@ -324,6 +357,12 @@ def warm_up():
                 variant(out, 2, True)
             elif k is softmax_backward_rows:
                 variant(x, out)
+            elif k is softmax_dropout_backward_rows:
+                variant(x, x > 0, f(1.25), out)
+            elif k is dropout_forward:
+                variant(x.ravel(), g.ravel(), f(0.2), f(1.25), np.empty(64, np.bool_), out.ravel())
+            elif k is dropout_backward:
+                variant(g.ravel(), x.ravel() > 0, f(1.25), out.ravel())
             elif k is cross_entropy_forward:
                 variant(x, t, i64(-1), out, m)
             elif k is cross_entropy_backward:

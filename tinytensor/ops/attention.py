@@ -108,26 +108,41 @@ class ScaledDotProductAttention(Function):
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         qs = q * q.dtype.type(self.scale)  # scaling q is cheaper than scaling q k^T
         att_t = attention_weights_t(qs, k, causal)
-        self.mask_t = None
+        self.att_t, self.qs, self.k, self.v = att_t, qs, k, v
+        self.mask_t = self.keep = None
         if dropout_p > 0:  # drawn in (..., Tq, Tk) order, then viewed transposed
-            mask = (backend.uniform(xp, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1],
-                                     np.float32) >= dropout_p).astype(att_t.dtype)
+            u = backend.uniform(xp, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1], np.float32)
+            att = att_t.swapaxes(-1, -2)
+            kern = kernels.for_arrays(att)  # C-contiguous when the forward ran the softmax kernel
+            if kern is not None:  # one pass: a bool mask and the dropped weights, kept for backward
+                self.keep, self.dropped = np.empty(att.shape, np.bool_), np.empty_like(att)
+                self.drop_scale = np.float32(1.0 / (1.0 - dropout_p))
+                kern.dropout_forward(att.reshape(-1), u.reshape(-1), np.float32(dropout_p), self.drop_scale,
+                                     self.keep.reshape(-1), self.dropped.reshape(-1))
+                return self.dropped @ v
+            mask = (u >= dropout_p).astype(att_t.dtype)
             mask *= 1.0 / (1.0 - dropout_p)
             self.mask_t = mask.swapaxes(-1, -2)
-        self.att_t, self.qs, self.k, self.v = att_t, qs, k, v
         return (att_t if self.mask_t is None else att_t * self.mask_t).swapaxes(-1, -2) @ v
 
     def _attend_backward(self, g):
         xp = xp_of(g)
         att_t, mask_t = self.att_t, self.mask_t
-        gv = (att_t if mask_t is None else att_t * mask_t) @ g
+        if self.keep is not None:
+            gv = self.dropped.swapaxes(-1, -2) @ g
+        else:
+            gv = (att_t if mask_t is None else att_t * mask_t) @ g
         att = att_t.swapaxes(-1, -2)
         kern = kernels.for_arrays(att)  # C-contiguous when the forward ran the kernel
         if kern is not None:
             ga = g @ self.v.swapaxes(-1, -2)  # d loss / d weights, (..., Tq, Tk)
-            if mask_t is not None:
-                ga *= mask_t.swapaxes(-1, -2)
-            kern.softmax_backward_rows(att.reshape(-1, att.shape[-1]), ga.reshape(-1, ga.shape[-1]))
+            rows = att.reshape(-1, att.shape[-1]), ga.reshape(-1, ga.shape[-1])
+            if self.keep is not None:
+                kern.softmax_dropout_backward_rows(rows[0], self.keep.reshape(rows[0].shape), self.drop_scale, rows[1])
+            else:
+                if mask_t is not None:
+                    ga *= mask_t.swapaxes(-1, -2)
+                kern.softmax_backward_rows(*rows)
             ga_t = ga.swapaxes(-1, -2)
         else:
             ga_t = self.v @ g.swapaxes(-1, -2)  # d loss / d weights, transposed (..., Tk, Tq)

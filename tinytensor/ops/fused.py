@@ -27,6 +27,13 @@ def _f32(a):
 class Softmax(Function):
     def forward(self, a, axis=-1):
         xp = xp_of(a)
+        self.kernel = (axis in (-1, a.ndim - 1) and a.size > 0
+                       and kernels.for_arrays(a, contiguous=False) is not None)
+        if self.kernel:  # one pass per row over the last axis, in place on a C-contiguous copy
+            e = np.array(a, np.float32, order="C")
+            kernels.module().softmax_rows(e.reshape(-1, e.shape[-1]), 1, False)
+            self.out, self.axis = e, axis
+            return e
         a32 = _f32(a)  # float32 inside for half-precision input: the row sum
         e = xp.exp(a32 - a32.max(axis=axis, keepdims=True))
         e /= e.sum(axis=axis, keepdims=True)
@@ -35,6 +42,10 @@ class Softmax(Function):
         return e
 
     def backward(self, g):
+        if self.kernel:
+            gx = np.array(g, np.float32, order="C")
+            kernels.module().softmax_backward_rows(self.out.reshape(-1, gx.shape[-1]), gx.reshape(-1, gx.shape[-1]))
+            return gx
         p, g32 = _f32(self.out), _f32(g)
         return (p * (g32 - (g32 * p).sum(axis=self.axis, keepdims=True))).astype(g.dtype, copy=False)
 
@@ -338,12 +349,23 @@ class Dropout(Function):
 
     def forward(self, x, p=0.5):
         xp = xp_of(x)
-        keep = backend.uniform(xp, x.shape, np.float32) >= p
-        self.mask = keep.astype(x.dtype)
+        u = backend.uniform(xp, x.shape, np.float32)
+        k = kernels.for_arrays(x, contiguous=False)
+        if k is not None:  # one pass; keeps a bool mask (the same draws, the same bits as below)
+            x, y = np.ascontiguousarray(x), np.empty(x.shape, np.float32)
+            self.mask, self.keep, self.scale = None, np.empty(x.shape, np.bool_), np.float32(1.0 / (1.0 - p))
+            k.dropout_forward(x.reshape(-1), u.reshape(-1), np.float32(p), self.scale, self.keep.reshape(-1),
+                              y.reshape(-1))
+            return y
+        self.mask = (u >= p).astype(x.dtype)
         self.mask *= 1.0 / (1.0 - p)
         return x * self.mask
 
     def backward(self, g):
+        if self.mask is None:
+            g, gx = np.ascontiguousarray(g, np.float32), np.empty(self.keep.shape, np.float32)
+            kernels.module().dropout_backward(g.reshape(-1), self.keep.reshape(-1), self.scale, gx.reshape(-1))
+            return gx
         return g * self.mask
 
 
