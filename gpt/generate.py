@@ -191,6 +191,11 @@ class FusedDecoder:
     """
 
     parallel_products = False
+    # Above this many bytes of weights a token is bound by memory bandwidth, not by per-op overhead,
+    # and the model's forward (OpenBLAS's products on every core) is faster than the fused token on
+    # one thread. Measured idle, 2-core Xeon: the 6x384 model (43 MB) 342-431 tok/s fused vs 346
+    # unfused; GPT-2 124M (498 MB) 19.1 tok/s fused vs 30.2 unfused (bench/RESULTS.md).
+    max_weight_bytes = 128 * 2**20
 
     @classmethod
     def for_model(cls, model, cache):
@@ -208,6 +213,8 @@ class FusedDecoder:
         if any(type(m) not in (Block, Norm, CausalSelfAttention, MLP, nn.Linear) for m in modules):
             return None
         arrays = [p.data for p in model.parameters()] + cache.keys + cache.values
+        if not cls.parallel_products and sum(p.data.nbytes for p in model.parameters()) > cls.max_weight_bytes:
+            return None
         if kernels.for_arrays(*arrays) is None:
             return None
         return cls(model, cache, kern)

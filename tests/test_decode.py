@@ -151,3 +151,17 @@ def test_parallel_products_give_the_same_logits(monkeypatch):
             assert (fused.block_step is kernels.decode_module().block_step_parallel) == parallel
             logits.append([fused.step(int(t)).data.copy() for t in ids[0, 1:]])
     np.testing.assert_allclose(np.array(logits[0]), np.array(logits[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_above_the_size_limit_keeps_the_models_forward(monkeypatch):
+    """Large models are bound by memory bandwidth: BLAS on every core beats the one-thread fused
+    token there, so for_model declines them (unless the parallel copy is asked for)."""
+    model = _model()
+    with tt.no_grad():
+        cache = model.new_cache(1)
+        assert G.FusedDecoder.for_model(model, cache) is not None
+        nbytes = sum(p.data.nbytes for p in model.parameters())
+        monkeypatch.setattr(G.FusedDecoder, "max_weight_bytes", nbytes - 1)
+        assert G.FusedDecoder.for_model(model, cache) is None
+        monkeypatch.setattr(G.FusedDecoder, "parallel_products", True)
+        assert G.FusedDecoder.for_model(model, cache) is not None
