@@ -22,7 +22,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from .cpu import _GELU_A, _GELU_C, FASTMATH, _exp, _tanh
+from .cpu import _GELU_A, _GELU_C, FASTMATH, _softmax_row, _tanh
 
 _opts = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 _f = np.float32
@@ -54,25 +54,18 @@ def _norm(x, weight, bias, eps, rms, out):
             out[j] += bias[j]
 
 
-@njit(**_opts)
+def _renamed(fn, suffix, names=None):
+    """A copy of fn's code under fn's name + suffix (Numba's disk cache tells functions apart by
+    name, not by the compile flags), optionally with other globals."""
+    copy = types.FunctionType(fn.__code__, names or fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                              fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    return copy
+
+
 def _matvec(w, x, bias, out, accumulate):
-    """out (+)= w @ x (+ bias); w (N, K) row-major: each output is one contiguous dot product."""
-    n, k = w.shape
-    for i in range(n):
-        acc = _f(0.0)
-        for j in range(k):
-            acc += w[i, j] * x[j]
-        if bias.size:
-            acc += bias[i]
-        if accumulate:
-            out[i] += acc
-        else:
-            out[i] = acc
-
-
-@njit(parallel=True, **_opts)
-def _matvec_parallel(w, x, bias, out, accumulate):
-    """_matvec with its rows split over the cores."""
+    """out (+)= w @ x (+ bias); w (N, K) row-major: each output is one contiguous dot product.
+    Compiled twice: on the calling thread, and _matvec_parallel with its rows split over the cores."""
     n, k = w.shape
     for i in prange(n):
         acc = _f(0.0)
@@ -84,6 +77,10 @@ def _matvec_parallel(w, x, bias, out, accumulate):
             out[i] += acc
         else:
             out[i] = acc
+
+
+_matvec_parallel = njit(parallel=True, **_opts)(_renamed(_matvec, "_parallel"))
+_matvec = njit(**_opts)(_matvec)
 
 
 @njit(**_opts)
@@ -133,24 +130,16 @@ def block_step(x, ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_fc, b_fc
         for d in range(hs):
             keys[hd, length, d] = qkv[k0 + d]
             values[hd, length, d] = qkv[v0 + d]
-        m = _f(-np.inf)
         for j in range(end):
             s = _f(0.0)
             for d in range(hs):
                 s += qkv[q0 + d] * keys[hd, j, d]
-            s *= scale
-            scores[j] = s
-            m = max(m, s)
-        total = _f(0.0)
-        for j in range(end):
-            e = _exp(scores[j] - m)
-            scores[j] = e
-            total += e
-        inv = _f(1.0) / total
+            scores[j] = s * scale
+        _softmax_row(scores, scores, end)
         for d in range(hs):
             att[q0 + d] = _f(0.0)
         for j in range(end):
-            p = scores[j] * inv
+            p = scores[j]
             for d in range(hs):
                 att[q0 + d] += p * values[hd, j, d]
     _matvec(w_o, att, b_o, x, True)
@@ -176,10 +165,7 @@ def _with_parallel_products(fn):
     """fn's loop with its matrix-vector products split over the cores: a copy of its code whose
     _matvec is _matvec_parallel, under its own name (Numba's disk cache tells functions apart by
     name). One parallel region per product: 4 per block."""
-    names = {**fn.__globals__, "_matvec": _matvec_parallel}
-    copy = types.FunctionType(fn.__code__, names, fn.__name__ + "_parallel", fn.__defaults__, fn.__closure__)
-    copy.__qualname__ = fn.__qualname__ + "_parallel"
-    return njit(**_opts)(copy)
+    return njit(**_opts)(_renamed(fn, "_parallel", {**fn.__globals__, "_matvec": _matvec_parallel}))
 
 
 block_step_parallel = _with_parallel_products(block_step)
