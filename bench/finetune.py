@@ -69,13 +69,12 @@ class Variant:
 
 def measure_memory(name, preset):
     """Run in a fresh process: (sizes, the step's peak RSS above the RSS before it, MB)."""
-    import ctypes
     tt.backend.keep_freed_memory()
     cfg, batch = model_config(preset)
     v = Variant(name, cfg)
     data = list(batches(cfg, batch, 2))
     v.step(*data[0])  # warm-up: the optimizer's state and flat buffers exist after it
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    tt.memory.release_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM
     before = _status_kb("VmRSS")

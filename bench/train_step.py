@@ -124,14 +124,13 @@ def measure_step_memory(side, preset, backend, steps):
     """Peak RSS over `steps` training steps above the RSS before the first one, in MB
     (run in a fresh process): activations, temporaries, gradients and optimizer state,
     everything a step adds on top of the model's weights and the data."""
-    import ctypes
     tt.backend.keep_freed_memory()  # as main() does: this process measures the same allocator
     if side == "Ours":
         tt.kernels.warm_up()  # loaded code (as torch's, loaded at import) is not memory a step adds
     cfg, batch = model_config(preset)
     s = (Ours if side == "Ours" else Torch)(cfg, batch, backend)
     data = list(batches(cfg, batch, steps))
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    tt.memory.release_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident set size
     before = _status_kb("VmRSS")

@@ -18,8 +18,6 @@ multiplied with BLAS, so no full float32 copy exists at any time.
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 
 import numpy as np
 
@@ -181,23 +179,13 @@ def quantize_int8(model, rows=None):
         model.head = Int8Linear(*int8("lm_head.weight", model.lm_head.weight))
         del model._modules["lm_head"]
         object.__delattr__(model, "lm_head")
-    _release_freed_memory()
+    tt.memory.release_freed_memory()
     quant = kernels.quant_module() if tt.backend.xp_of(q) is np else None
     if quant is not None:
         quant.warm_up()  # loaded (or compiled) now, not inside the first token
     return model
 
 
-def _release_freed_memory() -> None:
-    """glibc's malloc_trim(0): freed pages inside the heap (the float weights' arrays below 32 MB
-    come from there) go back to the kernel; without it a quantized process keeps the float model's
-    resident size. No-op elsewhere than Linux with glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def weight_bytes(model) -> int:

@@ -52,17 +52,30 @@ def switched_off() -> bool:
     return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def _mallopt():
-    """glibc's mallopt, or None where there is none (not Linux, or a libc that is not glibc)."""
+def _glibc():
+    """glibc, or None where there is none (not Linux, or a libc that is not glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl also answers to libc.so.6 on some systems
-            return None
-        return libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # musl also answers to libc.so.6
+
+
+def _mallopt():
+    """glibc's mallopt, or None where there is none."""
+    libc = _glibc()
+    return None if libc is None else libc.mallopt
+
+
+def release_freed_memory() -> None:
+    """glibc's malloc_trim(0): the free pages inside the heap go back to the kernel (a process that
+    dropped big arrays, e.g. float weights once quantized, stops counting them as resident), even
+    when this module's tuning keeps the heap otherwise. No-op without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def keep_freed_memory() -> bool:
