@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         return 2
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     tt.backend.keep_freed_memory()  # this process decodes: keep NumPy's temporaries mapped (see backend)
+    if args.backend == "numpy":  # the CPU kernels load now, not inside the first request's first token
+        tt.kernels.warm_up()
     try:
         with StopRequest().installed():  # Ctrl-C/SIGTERM raise KeyboardInterrupt (uvicorn hands them back)
             served = load_served(args.checkpoint, args.backend) if args.checkpoint else None

@@ -164,3 +164,20 @@ def test_help_and_bad_options(capsys):
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_the_server_loads_the_cpu_kernels_before_it_listens(monkeypatch, capsys):
+    """The first request's first token must not pay for loading (or compiling) the kernels."""
+    pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+    import gpt.serve as serve
+    import tinytensor as tt
+    calls = []
+    monkeypatch.setattr(tt.kernels, "warm_up", lambda: calls.append("warm_up") or 0.0)
+
+    def refuse(host, port):
+        calls.append("listen")
+        raise OSError(98, "Address already in use")
+    monkeypatch.setattr(serve, "_listen", refuse)
+    assert serve.main(["--port", "0"]) == 1
+    assert calls == ["warm_up", "listen"]
+    assert "cannot listen" in capsys.readouterr().err
