@@ -259,7 +259,7 @@ def test_dropout_matches_composition(backend_name, p, shape):
 
     def composed(x):  # the same draw: keep where uniform >= p, scale the kept by 1 / (1 - p)
         tt.manual_seed(3)
-        u = tt.backend.uniform(x.xp, x.shape, np.float32)
+        u = tt.backend.uniform(x.xp, x.shape)
         keep = tt.tensor((u >= p).astype(np.float64), backend=x.backend)
         return x * keep * (1.0 / (1.0 - p))
     compare(fused, composed, [normal(20, shape)], backend_name)

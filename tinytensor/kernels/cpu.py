@@ -256,15 +256,29 @@ def softmax_dropout_backward_rows(p, keep, scale, g):
             g[i, j] = p[i, j] * (g[i, j] - d)
 
 
-# ---- dropout from uniform draws u (tinytensor's one generator draws them, so the masks are the
-#      NumPy path's): keep = u >= p as a bool mask (a quarter of a float32 mask's memory),
-#      y = x * scale where kept, else x * 0 (the NumPy path's x * mask, bit for bit)
+# ---- dropout: keep = u >= p as a bool mask (a quarter of a float32 mask's memory), y = x * scale
+#      where kept, else x * 0 (the NumPy path's x * mask, bit for bit). u is computed here from the
+#      mask's key: SplitMix64's stream, the floats tinytensor.backend.keyed_uniform returns.
+
+_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _keyed_unit(key, i):
+    """Element i of keyed_uniform(key): SplitMix64's (i+1)-th output, top 24 bits / 2**24."""
+    z = key + np.uint64(i + 1) * _GAMMA
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    z = z ^ (z >> _S31)
+    return _f(z >> _S40) * _f(5.9604644775390625e-08)
+
 
 @kernel
-def dropout_forward(x, u, p, scale, keep, y):
-    """Flat arrays: keep[i] = u[i] >= p; y[i] = x[i] * (scale or 0)."""
+def dropout_forward(x, key, p, scale, keep, y):
+    """Flat arrays: keep[i] = keyed_uniform(key)[i] >= p; y[i] = x[i] * (scale or 0)."""
     for i in prange(x.size):
-        k = u[i] >= p
+        k = _keyed_unit(key, i) >= p
         keep[i] = k
         y[i] = x[i] * (scale if k else _f(0.0))
 
@@ -360,7 +374,7 @@ def warm_up():
             elif k is softmax_dropout_backward_rows:
                 variant(x, x > 0, f(1.25), out)
             elif k is dropout_forward:
-                variant(x.ravel(), g.ravel(), f(0.2), f(1.25), np.empty(64, np.bool_), out.ravel())
+                variant(x.ravel(), np.uint64(1), f(0.2), f(1.25), np.empty(64, np.bool_), out.ravel())
             elif k is dropout_backward:
                 variant(g.ravel(), x.ravel() > 0, f(1.25), out.ravel())
             elif k is cross_entropy_forward:

@@ -111,15 +111,16 @@ class ScaledDotProductAttention(Function):
         self.att_t, self.qs, self.k, self.v = att_t, qs, k, v
         self.mask_t = self.keep = None
         if dropout_p > 0:  # drawn in (..., Tq, Tk) order, then viewed transposed
-            u = backend.uniform(xp, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1], np.float32)
+            key = backend.dropout_key()
             att = att_t.swapaxes(-1, -2)
             kern = kernels.for_arrays(att)  # C-contiguous when the forward ran the softmax kernel
             if kern is not None:  # one pass: a bool mask and the dropped weights, kept for backward
                 self.keep, self.dropped = np.empty(att.shape, np.bool_), np.empty_like(att)
                 self.drop_scale = np.float32(1.0 / (1.0 - dropout_p))
-                kern.dropout_forward(att.reshape(-1), u.reshape(-1), np.float32(dropout_p), self.drop_scale,
+                kern.dropout_forward(att.reshape(-1), np.uint64(key), np.float32(dropout_p), self.drop_scale,
                                      self.keep.reshape(-1), self.dropped.reshape(-1))
                 return self.dropped @ v
+            u = backend.keyed_uniform(xp, key, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1])
             mask = (u >= dropout_p).astype(att_t.dtype)
             mask *= 1.0 / (1.0 - dropout_p)
             self.mask_t = mask.swapaxes(-1, -2)

@@ -42,7 +42,7 @@ class LoraLinear(Function):
         x2 = x.reshape(-1, x.shape[-1])  # rows = tokens: the fast layout for BLAS
         self.mask = None
         if p > 0:  # drawn exactly as the Dropout primitive draws (one generator, same order)
-            keep = backend.uniform(xp_of(x), x2.shape, np.float32) >= p
+            keep = backend.uniform(xp_of(x), x2.shape) >= p
             self.mask = keep.astype(x.dtype)
             self.mask *= 1.0 / (1.0 - p)
         h2 = x2 if self.mask is None else x2 * self.mask
