@@ -296,7 +296,9 @@ class GPT(nn.Module):
         if not config.tie_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
-        # --grad-checkpoint: each block keeps only its input and recomputes its forward in backward
+        # --grad-checkpoint: each block but the last keeps only its input and recomputes its forward
+        # in backward (the last block's backward starts right after its forward: recomputing it
+        # would cost a block's forward and save no peak memory worth having)
         self.grad_checkpoint = False
 
     def _init_weights(self):
@@ -344,7 +346,7 @@ class GPT(nn.Module):
             rope = rope_tables(pos, self.config.n_embd // self.config.n_head, x.xp, x.dtype)
         x = tr.drop(x)
         for layer, block in enumerate(tr.h):
-            if self.grad_checkpoint and cache is None:
+            if self.grad_checkpoint and cache is None and layer < len(tr.h) - 1:
                 x = tt.checkpoint(block, x, rope=rope)
             else:
                 x = block(x, cache, layer, rope)

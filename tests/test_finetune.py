@@ -62,6 +62,23 @@ def test_grad_checkpoint_gives_identical_gradients(options):
         np.testing.assert_array_equal(ga[name], gb[name], err_msg=name)
 
 
+def test_grad_checkpoint_recomputes_every_block_but_the_last():
+    """The last block's backward follows its forward at once: it is not checkpointed."""
+    x, y = batch()
+    model = GPT(GPTConfig(**{**CFG, "n_layer": 3}))
+    model.grad_checkpoint = True
+    _, loss = model(x, y)
+    seen, stack, names = set(), [loss], []
+    while stack:  # every node of the graph, once
+        t = stack.pop()
+        if t._ctx is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        names.append(t._ctx.name)
+        stack.extend(p for p in t._ctx.parents if isinstance(p, tt.Tensor))
+    assert names.count("checkpoint") == 2
+
+
 def test_checkpoint_gradcheck_and_graph():
     w = np.random.default_rng(0).standard_normal((4, 4))
 
