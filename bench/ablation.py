@@ -2,6 +2,7 @@
 
     python -m bench.ablation --input ../shared/data/tinyshakespeare.txt --seeds 0 1 2 --results abl.jsonl
     python -m bench.ablation --table abl.jsonl          # the markdown table from the results so far
+    python -m bench.ablation --step-times 20            # each option's training step, in turns, one process
 
 Each run is `python -m gpt.train --preset shakespeare_char_cpu` in a subprocess with the variant's
 flags, evaluated at the end over --eval-batches batches of each split (the run's own evaluation,
@@ -10,8 +11,10 @@ ablation keeps what it measured and a rerun skips the (variant, seed) pairs alre
 Runs go seed-major (every variant's first seed before any second seed), so a partial table
 already covers every option.
 
-The ms/step column is the run's own training time over its steps (evaluation excluded); on a
-shared machine it is only indicative: compare step costs with `python -m bench.train_step`.
+The s/run column is each run's wall time; on a shared machine it is only indicative. Step costs
+come from ``--step-times``: every variant's trainer step (forward, backward, clip, its optimizer) on
+the same random batch of its batch size, timed in one process taking turns (``take_turns``), so the
+variants see the same machine state; the median ms/step and the ratio to the baseline's.
 """
 from __future__ import annotations
 
@@ -92,6 +95,36 @@ def table(path):
               f"{sd:.4f} | {' / '.join(f'{v:.4f}' for v in vals)} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
 
 
+def step_times(names, preset, steps, rounds=3):
+    """{variant: median ms per trainer step}, the variants taking turns in this process."""
+    import numpy as np
+
+    import tinytensor as tt
+    from bench.common import take_turns
+    from gpt import config as C
+    from gpt.model import GPT
+    from gpt.optimizers import build_optimizer
+    from gpt.trainer import train_step
+    tt.kernels.warm_up()
+    sides = {}
+    for name in names:
+        cfg, _ = C.from_args(["--preset", preset, *VARIANTS[name]])
+        tt.manual_seed(0)
+        model = GPT(cfg.model_config(65))  # Tiny Shakespeare's characters
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 65, (cfg.batch_size, cfg.block_size))
+        sides[name] = (model, build_optimizer(model, cfg), x, np.roll(x, -1, axis=1), cfg)
+        train_step(model, sides[name][1], x, sides[name][3], lr=cfg.learning_rate, grad_clip=cfg.grad_clip)
+    times = {name: [] for name in names}
+    for _, name in take_turns(names, rounds):
+        model, opt, x, y, cfg = sides[name]
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, opt, x, y, lr=cfg.learning_rate, grad_clip=cfg.grad_clip)
+        times[name].append((time.perf_counter() - start) / steps * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="the text to train on (Tiny Shakespeare)")
@@ -101,10 +134,21 @@ def main(argv=None):
     p.add_argument("--eval-batches", type=int, default=200, help="batches per split in the final evaluation")
     p.add_argument("--results", default="ablation.jsonl", help="JSON lines, appended (and skipped when present)")
     p.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
+    p.add_argument("--step-times", type=int, metavar="STEPS",
+                   help="instead: time STEPS trainer steps of each variant (3 rounds, in turns) and exit")
     p.add_argument("common", nargs=argparse.REMAINDER, help="flags passed to every run (after --)")
     args = p.parse_args(argv)
     if args.table:
         table(args.table)
+        return 0
+    if args.step_times:
+        from bench.common import describe_machine, machine
+        print(describe_machine(machine()))
+        ms = step_times(args.variants, args.preset, args.step_times)
+        base = ms.get("baseline")
+        print("| variant | ms/step | vs baseline |\n|---|---|---|")
+        for name, t in ms.items():
+            print(f"| {name} | {t:.1f} | {f'{t / base:.2f}x' if base else ''} |")
         return 0
     if not args.input:
         p.error("--input is required to run the ablation")

@@ -88,3 +88,12 @@ def test_finetune_quick_reports_fields():
     assert 0 < sizes["trainable"] < sizes["parameters"]
     # two float32 moments, for the adapters only
     assert abs(sizes["optimizer_state_mb"] * 2**20 - 2 * 4 * sizes["trainable"]) <= 0.001 * 2**20
+
+
+def test_ablation_step_times_prints_one_row_per_variant(capsys):
+    from bench import ablation
+    assert ablation.main(["--step-times", "1", "--preset", "tiny", "--variants", "baseline", "muon"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| baseline")
+            or line.startswith("| muon")]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00x |")
+    assert float(rows[1].split("|")[2]) > 0
