@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import types
+import warnings
 
 import numpy as np
 from numba import njit, prange
@@ -34,10 +35,34 @@ _parallel = dict(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=Tr
 _serial = dict(parallel=False, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 N_PARTS = 16  # partial sums for column reductions (see the module docstring)
-# Below this many elements a kernel runs on the calling thread: starting the worker threads
-# costs 10-80 us a call here (more on a loaded machine), more than the work of one decoded
-# token's LayerNorm or GELU (a few hundred to a few thousand elements).
-PARALLEL_MIN = int(os.environ.get("TINYTENSOR_PARALLEL_MIN", 1 << 15))
+
+
+def _parallel_min(default=1 << 20):
+    """Elements of a kernel's first array from which it runs its parallel copy (below: the serial
+    one, on the calling thread). ``TINYTENSOR_PARALLEL_MIN`` overrides it (an integer >= 0; 0 =
+    always parallel), for measuring the crossover on another machine.
+
+    Why 1M: waking Numba's workqueue threads costs ~30 us a launch with the other core awake and
+    far more when its (virtual) core sleeps: on the idle 2-core Xeon the parallel GELU forward +
+    backward on (768, 512) took 1.56 ms where the serial copies take 0.88-1.06 ms even on a loaded
+    machine, and the parallel LayerNorm 0.69 ms against 0.20 ms serial (bench/RESULTS.md, issue 10e).
+    So every kernel of the small presets (at most 786k elements) stays on one core, and the full
+    presets' (6.3M+ elements; at the serial rates measured here a LayerNorm pass ~1.7 ms, a GELU
+    pass ~17 ms, far above any launch cost) use both."""
+    raw = os.environ.get("TINYTENSOR_PARALLEL_MIN", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"TINYTENSOR_PARALLEL_MIN={raw!r} is not an integer >= 0; using {default}", stacklevel=2)
+        return default
+    return value
+
+
+PARALLEL_MIN = _parallel_min()  # the one threshold: _Kernel.__call__ reads it (tests set it to 0)
 _MAIN = threading.main_thread()
 
 
