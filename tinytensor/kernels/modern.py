@@ -86,15 +86,19 @@ def swiglu_forward(h, y):
 
 @kernel
 def swiglu_backward(h, g, gh):
-    """gh (N, 2H): d gate = g up s (1 + a (1 - s)), d up = g a s; s = sigmoid(a), recomputed."""
+    """gh (N, 2H): d gate = g up s (1 + a (1 - s)), d up = g a s; s = sigmoid(a), recomputed.
+    The halves as separate row views: indexing one row at j and hidden + j kept the loop scalar
+    (serial copy, (1536, 682): 4.7 -> 0.73 ms)."""
     n, hidden = g.shape
     for i in prange(n):
+        gate, up, gr = h[i, :hidden], h[i, hidden:], g[i]
+        d_gate, d_up = gh[i, :hidden], gh[i, hidden:]
         for j in range(hidden):
-            a = h[i, j]
+            a = gate[j]
             s = _f(1.0) / (_f(1.0) + _exp(-a))
-            gi = g[i, j]
-            gh[i, j] = gi * h[i, hidden + j] * s * (_f(1.0) + a * (_f(1.0) - s))
-            gh[i, hidden + j] = gi * a * s
+            gi = gr[j]
+            d_gate[j] = gi * up[j] * s * (_f(1.0) + a * (_f(1.0) - s))
+            d_up[j] = gi * a * s
 
 
 # ---- QK-norm and RoPE on the packed projection (N, 3C), N = B T rows at positions i % T, C = nh hs:
