@@ -125,11 +125,12 @@ def qk_norm_rope_forward(qkv, t, cos, sin, n_head, qk_norm, rope, eps, out, rstd
                     ss += x[b + d] * x[b + d]
                 r = _f(1.0) / np.sqrt(ss * inv_hs + eps)
             rstd[i, h] = r
-            if rope:
+            if rope:  # the two halves as their own views: one row indexed at d and half + d stays scalar
+                xa, xb, ya, yb = x[b:b + half], x[b + half:b + hs], y[b:b + half], y[b + half:b + hs]
                 for d in range(half):
-                    x1, x2 = x[b + d] * r, x[b + half + d] * r
-                    y[b + d] = x1 * co[d] - x2 * si[d]
-                    y[b + half + d] = x2 * co[d] + x1 * si[d]
+                    x1, x2 = xa[d] * r, xb[d] * r
+                    ya[d] = x1 * co[d] - x2 * si[d]
+                    yb[d] = x2 * co[d] + x1 * si[d]
             else:
                 for d in range(hs):
                     y[b + d] = x[b + d] * r
@@ -150,10 +151,11 @@ def qk_norm_rope_backward(qkv, t, cos, sin, n_head, qk_norm, rope, rstd, g, gx):
         for h in range(2 * n_head):
             b = h * hs
             if rope:  # gxi holds d/d(normalised x) for now
+                ga, gb, gxa, gxb = gi[b:b + half], gi[b + half:b + hs], gxi[b:b + half], gxi[b + half:b + hs]
                 for d in range(half):
-                    g1, g2 = gi[b + d], gi[b + half + d]
-                    gxi[b + d] = g1 * co[d] + g2 * si[d]
-                    gxi[b + half + d] = g2 * co[d] - g1 * si[d]
+                    g1, g2 = ga[d], gb[d]
+                    gxa[d] = g1 * co[d] + g2 * si[d]
+                    gxb[d] = g2 * co[d] - g1 * si[d]
             else:
                 for d in range(hs):
                     gxi[b + d] = gi[b + d]
