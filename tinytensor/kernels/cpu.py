@@ -376,16 +376,18 @@ def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2
 
 @kernel
 def embedding_backward(g, idx, out):
-    """out must be zeroed; columns are split over the cores, so no two threads add to one
-    element (no atomics), and the sum over equal indices runs in token order."""
+    """out must be zeroed; columns are split over the cores in blocks of 64 or more, so no two
+    threads add to one element (no atomics), and the sum over equal indices runs in token order.
+    Each row's block is a 1-D view: indexed as out[row, j] the add stayed scalar, and blocks of 16
+    columns meant a pass over the indices per 16 (serial, (768, 128): 75 -> 14 us)."""
     n, c = g.shape
-    parts = min(c // 16, 64) if c >= 32 else 1
+    parts = max(1, min(c // 64, 64))
     for part in prange(parts):
         lo, hi = c * part // parts, c * (part + 1) // parts
         for i in range(n):
-            row = idx[i]
-            for j in range(lo, hi):
-                out[row, j] += g[i, j]
+            o, gi = out[idx[i], lo:hi], g[i, lo:hi]
+            for j in range(hi - lo):
+                o[j] += gi[j]
 
 
 def warm_up():
