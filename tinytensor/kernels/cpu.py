@@ -295,6 +295,29 @@ def softmax_backward_rows(p, g):
 
 
 @kernel
+def softmax_rows_to(a, out):
+    """out (R, C) = softmax of each row of a (F.softmax: the input is not the op's to overwrite);
+    each row copied, then the in-place loop on it while it is in L1 (one pass less than a copy
+    of the whole array first)."""
+    rows, c = a.shape
+    for i in prange(rows):
+        _softmax_row(a[i], out[i], c)
+
+
+@kernel
+def softmax_backward_rows_to(p, g, gx):
+    """gx = p * (g - sum(g * p)) per row, into a fresh gx (g may be another op's gradient too)."""
+    rows, c = p.shape
+    for i in prange(rows):
+        pi, gi, gxi = p[i], g[i], gx[i]
+        d = _f(0.0)
+        for j in range(c):
+            d += gi[j] * pi[j]
+        for j in range(c):
+            gxi[j] = pi[j] * (gi[j] - d)
+
+
+@kernel
 def softmax_dropout_backward_rows(p, keep, scale, g):
     """The same after dropout on the weights: g = p * (g' - sum(g' * p)) with g' = g * keep * scale
     (the gradient reaching the weights before dropout), in place on g."""
@@ -412,6 +435,10 @@ def warm_up():
                 variant(out, 2, True)
             elif k is softmax_backward_rows:
                 variant(x, out)
+            elif k is softmax_rows_to:
+                variant(x, out)
+            elif k is softmax_backward_rows_to:
+                variant(x, g, out)
             elif k is softmax_dropout_backward_rows:
                 variant(x, x > 0, f(1.25), out)
             elif k is dropout_forward:
