@@ -278,3 +278,15 @@ def test_softmax_row_max_in_every_lane_and_nan_rows():
     assert np.isnan(got[19:]).all() and np.isnan(want[19:]).all()
     np.testing.assert_allclose(got[:19], want[:19], **TOL)
     np.testing.assert_allclose(got[:19].max(axis=1), 1.0, rtol=1e-6)
+
+
+def test_parallel_threshold_from_the_environment(monkeypatch):
+    k = kernels.module()
+    monkeypatch.delenv("TINYTENSOR_PARALLEL_MIN", raising=False)
+    assert k._parallel_min(default=123) == 123
+    monkeypatch.setenv("TINYTENSOR_PARALLEL_MIN", "4096")
+    assert k._parallel_min(default=123) == 4096
+    for bad in ("-1", "1e6", "lots"):
+        monkeypatch.setenv("TINYTENSOR_PARALLEL_MIN", bad)
+        with pytest.warns(UserWarning, match="TINYTENSOR_PARALLEL_MIN"):
+            assert k._parallel_min(default=123) == 123
