@@ -6,8 +6,9 @@
 Shows where a training step's time goes, op by op; each op is timed as
 forward + backward with a fixed upstream gradient, alternating with torch.
 Covers the non-matmul ops of the default model and of the modern options
-(rmsnorm, relu2, swiglu, rope: taken from gpt/model.py's own modules and
-functions, so a faster implementation there shows up here) and two matmuls
+(rmsnorm, relu2, swiglu: taken from gpt/model.py's own modules and functions,
+so a faster implementation there shows up here; rope: the fused op the model
+runs on the packed projection, against PyTorch's rope on q and k) and two matmuls
 for scale. Dropout uses p=0.2 (the full preset's).
 """
 from __future__ import annotations
@@ -75,8 +76,11 @@ def cases(cfg, batch):
         "relu2": (model_activation(cfg, "relu2"), lambda x: torch_activation(cfg, "relu2")(x), [(N, 4 * C)]),
         "swiglu": (model_activation(cfg, "swiglu"), lambda x: torch_activation(cfg, "swiglu")(x),
                    [(N, 2 * gm.mlp_hidden(dataclasses.replace(cfg, mlp="swiglu")))]),
-        "rope": (lambda x: gm.rotate(x, *gm.rope_tables(np.arange(T), C // H, np, np.float32)),
-                 lambda x: torch_rope(x.transpose(1, 2), T).transpose(1, 2), [(B, T, H, C // H)]),
+        # what the models run: ours the fused op on the packed projection (B, T, 3C), rotating q and k
+        # and passing v through; PyTorch's bench/torch_gpt.py rope on the q and k heads of the same input
+        "rope": (lambda x: F.qk_norm_rope(x, H, gm.rope_tables(np.arange(T), C // H, np, np.float32), qk_norm=False),
+                 lambda x: torch_rope(x[..., :2 * C].reshape(B, T, 2 * H, C // H).transpose(1, 2), T),
+                 [(B, T, 3 * C)]),
     }
 
 

@@ -161,12 +161,12 @@ def test_scaled_dot_product_attention(causal, tq, tk):
 @pytest.mark.parametrize("axis", [-1, 2])
 def test_softmax_over_the_last_axis(axis):
     x = normal(3, 4, 37, scale=5.0)
-    assert_same(run_both(lambda x: F.softmax(x, axis=axis), x, uses=("softmax_rows", "softmax_backward_rows")))
+    assert_same(run_both(lambda x: F.softmax(x, axis=axis), x, uses=("softmax_rows_to", "softmax_backward_rows_to")))
 
 
 def test_softmax_over_another_axis_and_of_a_view():
     assert_same(run_both(lambda x: F.softmax(x, axis=0), normal(6, 9), uses=()))
-    assert_same(run_both(lambda x: F.softmax(x.T, axis=-1), normal(6, 9), uses=("softmax_rows",)))
+    assert_same(run_both(lambda x: F.softmax(x.T, axis=-1), normal(6, 9), uses=("softmax_rows_to",)))
 
 
 def test_softmax_rows_masks_exactly():
@@ -237,7 +237,8 @@ def test_the_environment_variable_turns_them_off():
 def test_threads_other_than_the_main_one_run_the_serial_copies():
     """Numba's workqueue layer aborts on parallel kernels launched from two threads at once."""
     import threading
-    x = normal(64, 1024)  # above PARALLEL_MIN
+    x = normal(1024, 1024)
+    assert x.size >= kernels.module().PARALLEL_MIN or kernels.module().PARALLEL_MIN == 0
     want = F.gelu(tt.tensor(x)).numpy()
     results = [None] * 4
 
@@ -261,3 +262,31 @@ def test_warm_up_runs_every_kernel_both_copies(monkeypatch):
             monkeypatch.setattr(kern, copy, lambda *a, _real=real, _n=f"{kern.__name__}.{copy}": (ran.append(_n), _real(*a))[1])
     assert kernels.warm_up() > 0
     assert sorted(ran) == sorted(f"{kern.__name__}.{c}" for kern in k._KERNELS for c in ("parallel", "serial"))
+
+
+def test_softmax_row_max_in_every_lane_and_nan_rows():
+    """The row max runs in eight running maxima plus a tail: put the max in each lane and in the
+    tail; a NaN anywhere in a row makes the whole row NaN (as the NumPy path), other rows intact."""
+    x = normal(21, 19)
+    for i in range(19):
+        x[i, i] = 200.0  # the max, at column i (every lane and the tail); a missed max: exp(197) = inf
+    x[19, 3] = np.nan
+    x[20, 17] = np.nan  # in the tail
+    with kernels.numpy_only():
+        want = F.softmax(tt.tensor(x), axis=-1).numpy()
+    got = F.softmax(tt.tensor(x), axis=-1).numpy()
+    assert np.isnan(got[19:]).all() and np.isnan(want[19:]).all()
+    np.testing.assert_allclose(got[:19], want[:19], **TOL)
+    np.testing.assert_allclose(got[:19].max(axis=1), 1.0, rtol=1e-6)
+
+
+def test_parallel_threshold_from_the_environment(monkeypatch):
+    k = kernels.module()
+    monkeypatch.delenv("TINYTENSOR_PARALLEL_MIN", raising=False)
+    assert k._parallel_min(default=123) == 123
+    monkeypatch.setenv("TINYTENSOR_PARALLEL_MIN", "4096")
+    assert k._parallel_min(default=123) == 4096
+    for bad in ("-1", "1e6", "lots"):
+        monkeypatch.setenv("TINYTENSOR_PARALLEL_MIN", bad)
+        with pytest.warns(UserWarning, match="TINYTENSOR_PARALLEL_MIN"):
+            assert k._parallel_min(default=123) == 123

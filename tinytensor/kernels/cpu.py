@@ -21,8 +21,10 @@ Numerical choices:
 """
 from __future__ import annotations
 
+import os
 import threading
 import types
+import warnings
 
 import numpy as np
 from numba import njit, prange
@@ -33,10 +35,34 @@ _parallel = dict(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=Tr
 _serial = dict(parallel=False, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 N_PARTS = 16  # partial sums for column reductions (see the module docstring)
-# Below this many elements a kernel runs on the calling thread: starting the worker threads
-# costs 10-80 us a call here (more on a loaded machine), more than the work of one decoded
-# token's LayerNorm or GELU (a few hundred to a few thousand elements).
-PARALLEL_MIN = 1 << 15
+
+
+def _parallel_min(default=1 << 20):
+    """Elements of a kernel's first array from which it runs its parallel copy (below: the serial
+    one, on the calling thread). ``TINYTENSOR_PARALLEL_MIN`` overrides it (an integer >= 0; 0 =
+    always parallel), for measuring the crossover on another machine.
+
+    Why 1M: waking Numba's workqueue threads costs ~30 us a launch with the other core awake and
+    far more when its (virtual) core sleeps: on the idle 2-core Xeon the parallel GELU forward +
+    backward on (768, 512) took 1.56 ms where the serial copies take 0.88-1.06 ms even on a loaded
+    machine, and the parallel LayerNorm 0.69 ms against 0.20 ms serial (bench/RESULTS.md, issue 10e).
+    So every kernel of the small presets (at most 786k elements) stays on one core, and the full
+    presets' (6.3M+ elements; at the serial rates measured here a LayerNorm pass ~1.7 ms, a GELU
+    pass ~17 ms, far above any launch cost) use both."""
+    raw = os.environ.get("TINYTENSOR_PARALLEL_MIN", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"TINYTENSOR_PARALLEL_MIN={raw!r} is not an integer >= 0; using {default}", stacklevel=2)
+        return default
+    return value
+
+
+PARALLEL_MIN = _parallel_min()  # the one threshold: _Kernel.__call__ reads it (tests set it to 0)
 _MAIN = threading.main_thread()
 
 
@@ -201,21 +227,48 @@ def layer_norm_backward(x, mean, rstd, weight, g, gx, gw_parts, gb_parts):
 #      0 .. i + Tk - Tq (queries are the last Tq of the Tk positions); the rest is 0
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, inline="always")
-def _softmax_row(src, dst, end):
-    """dst[:end] = softmax(src[:end]) (dst may be src); returns (max, sum of exp(src - max)), which
-    make the row's log-sum-exp. The one softmax loop: the attention rows and cross-entropy use it."""
-    m = src[0]
-    for j in range(1, end):
-        m = max(m, src[j])
+def _row_max(row, end):
+    """max(row[:end]), end >= 1, in eight running maxima: a single running max is a chain of
+    dependent compares that LLVM does not vectorise without "no NaN" (measured 263 -> 42 us on
+    196k elements). A NaN may or may not win here; the caller's exp(row - max) makes the whole
+    row NaN either way, as NumPy's softmax does."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    j = 0
+    while j + 8 <= end:
+        m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
+        m4, m5, m6, m7 = max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]), max(m7, row[j + 7])
+        j += 8
+    while j < end:
+        m0 = max(m0, row[j])
+        j += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, inline="always")
+def _softmax_inplace(row, end):
+    """row[:end] = softmax(row[:end]) in place; returns (max, sum of exp(row - max)), which make
+    the row's log-sum-exp. The one softmax loop: the attention rows and cross-entropy use it.
+    In place on one array on purpose: with a source and a destination that may alias, LLVM
+    guards the exp loop with an overlap check that fails when they are the same row, and the
+    loop runs scalar (softmax over (3072, 64): 431 -> 176 us)."""
+    m = _row_max(row, end)
     s = _f(0.0)
     for j in range(end):
-        e = _exp(src[j] - m)
-        dst[j] = e
+        e = _exp(row[j] - m)
+        row[j] = e
         s += e
     inv = _f(1.0) / s
     for j in range(end):
-        dst[j] *= inv
+        row[j] *= inv
     return m, s
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, inline="always")
+def _softmax_row(src, dst, end):
+    """dst[:end] = softmax(src[:end]) (dst may be src): a copy, then the in-place loop."""
+    for j in range(end):
+        dst[j] = src[j]
+    return _softmax_inplace(dst, end)
 
 
 @kernel
@@ -224,7 +277,7 @@ def softmax_rows(a, t_q, causal):
     rows, t_k = a.shape
     for i in prange(rows):
         end = (i % t_q) + t_k - t_q + 1 if causal else t_k
-        _softmax_row(a[i], a[i], end)
+        _softmax_inplace(a[i], end)
         for j in range(end, t_k):
             a[i, j] = _f(0.0)
 
@@ -239,6 +292,29 @@ def softmax_backward_rows(p, g):
             d += g[i, j] * p[i, j]
         for j in range(t_k):
             g[i, j] = p[i, j] * (g[i, j] - d)
+
+
+@kernel
+def softmax_rows_to(a, out):
+    """out (R, C) = softmax of each row of a (F.softmax: the input is not the op's to overwrite);
+    each row copied, then the in-place loop on it while it is in L1 (one pass less than a copy
+    of the whole array first)."""
+    rows, c = a.shape
+    for i in prange(rows):
+        _softmax_row(a[i], out[i], c)
+
+
+@kernel
+def softmax_backward_rows_to(p, g, gx):
+    """gx = p * (g - sum(g * p)) per row, into a fresh gx (g may be another op's gradient too)."""
+    rows, c = p.shape
+    for i in prange(rows):
+        pi, gi, gxi = p[i], g[i], gx[i]
+        d = _f(0.0)
+        for j in range(c):
+            d += gi[j] * pi[j]
+        for j in range(c):
+            gxi[j] = pi[j] * (gi[j] - d)
 
 
 @kernel
@@ -337,16 +413,18 @@ def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias_c1, bias_c2
 
 @kernel
 def embedding_backward(g, idx, out):
-    """out must be zeroed; columns are split over the cores, so no two threads add to one
-    element (no atomics), and the sum over equal indices runs in token order."""
+    """out must be zeroed; columns are split over the cores in blocks of 64 or more, so no two
+    threads add to one element (no atomics), and the sum over equal indices runs in token order.
+    Each row's block is a 1-D view: indexed as out[row, j] the add stayed scalar, and blocks of 16
+    columns meant a pass over the indices per 16 (serial, (768, 128): 75 -> 14 us)."""
     n, c = g.shape
-    parts = min(c // 16, 64) if c >= 32 else 1
+    parts = max(1, min(c // 64, 64))
     for part in prange(parts):
         lo, hi = c * part // parts, c * (part + 1) // parts
         for i in range(n):
-            row = idx[i]
-            for j in range(lo, hi):
-                out[row, j] += g[i, j]
+            o, gi = out[idx[i], lo:hi], g[i, lo:hi]
+            for j in range(hi - lo):
+                o[j] += gi[j]
 
 
 def warm_up():
@@ -371,6 +449,10 @@ def warm_up():
                 variant(out, 2, True)
             elif k is softmax_backward_rows:
                 variant(x, out)
+            elif k is softmax_rows_to:
+                variant(x, out)
+            elif k is softmax_backward_rows_to:
+                variant(x, g, out)
             elif k is softmax_dropout_backward_rows:
                 variant(x, x > 0, f(1.25), out)
             elif k is dropout_forward:

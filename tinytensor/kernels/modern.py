@@ -86,15 +86,19 @@ def swiglu_forward(h, y):
 
 @kernel
 def swiglu_backward(h, g, gh):
-    """gh (N, 2H): d gate = g up s (1 + a (1 - s)), d up = g a s; s = sigmoid(a), recomputed."""
+    """gh (N, 2H): d gate = g up s (1 + a (1 - s)), d up = g a s; s = sigmoid(a), recomputed.
+    The halves as separate row views: indexing one row at j and hidden + j kept the loop scalar
+    (serial copy, (1536, 682): 4.7 -> 0.73 ms)."""
     n, hidden = g.shape
     for i in prange(n):
+        gate, up, gr = h[i, :hidden], h[i, hidden:], g[i]
+        d_gate, d_up = gh[i, :hidden], gh[i, hidden:]
         for j in range(hidden):
-            a = h[i, j]
+            a = gate[j]
             s = _f(1.0) / (_f(1.0) + _exp(-a))
-            gi = g[i, j]
-            gh[i, j] = gi * h[i, hidden + j] * s * (_f(1.0) + a * (_f(1.0) - s))
-            gh[i, hidden + j] = gi * a * s
+            gi = gr[j]
+            d_gate[j] = gi * up[j] * s * (_f(1.0) + a * (_f(1.0) - s))
+            d_up[j] = gi * a * s
 
 
 # ---- QK-norm and RoPE on the packed projection (N, 3C), N = B T rows at positions i % T, C = nh hs:
@@ -121,11 +125,12 @@ def qk_norm_rope_forward(qkv, t, cos, sin, n_head, qk_norm, rope, eps, out, rstd
                     ss += x[b + d] * x[b + d]
                 r = _f(1.0) / np.sqrt(ss * inv_hs + eps)
             rstd[i, h] = r
-            if rope:
+            if rope:  # the two halves as their own views: one row indexed at d and half + d stays scalar
+                xa, xb, ya, yb = x[b:b + half], x[b + half:b + hs], y[b:b + half], y[b + half:b + hs]
                 for d in range(half):
-                    x1, x2 = x[b + d] * r, x[b + half + d] * r
-                    y[b + d] = x1 * co[d] - x2 * si[d]
-                    y[b + half + d] = x2 * co[d] + x1 * si[d]
+                    x1, x2 = xa[d] * r, xb[d] * r
+                    ya[d] = x1 * co[d] - x2 * si[d]
+                    yb[d] = x2 * co[d] + x1 * si[d]
             else:
                 for d in range(hs):
                     y[b + d] = x[b + d] * r
@@ -146,10 +151,11 @@ def qk_norm_rope_backward(qkv, t, cos, sin, n_head, qk_norm, rope, rstd, g, gx):
         for h in range(2 * n_head):
             b = h * hs
             if rope:  # gxi holds d/d(normalised x) for now
+                ga, gb, gxa, gxb = gi[b:b + half], gi[b + half:b + hs], gxi[b:b + half], gxi[b + half:b + hs]
                 for d in range(half):
-                    g1, g2 = gi[b + d], gi[b + half + d]
-                    gxi[b + d] = g1 * co[d] + g2 * si[d]
-                    gxi[b + half + d] = g2 * co[d] - g1 * si[d]
+                    g1, g2 = ga[d], gb[d]
+                    gxa[d] = g1 * co[d] + g2 * si[d]
+                    gxb[d] = g2 * co[d] - g1 * si[d]
             else:
                 for d in range(hs):
                     gxi[b + d] = gi[b + d]

@@ -29,9 +29,10 @@ class Softmax(Function):
         xp = xp_of(a)
         self.kernel = (axis in (-1, a.ndim - 1) and a.size > 0
                        and kernels.for_arrays(a, contiguous=False) is not None)
-        if self.kernel:  # one pass per row over the last axis, in place on a C-contiguous copy
-            e = np.array(a, np.float32, order="C")
-            kernels.module().softmax_rows(e.reshape(-1, e.shape[-1]), 1, False)
+        if self.kernel:  # one pass per row over the last axis, into a fresh array
+            a = np.ascontiguousarray(a)
+            e = np.empty(a.shape, np.float32)
+            kernels.module().softmax_rows_to(a.reshape(-1, a.shape[-1]), e.reshape(-1, a.shape[-1]))
             self.out, self.axis = e, axis
             return e
         a32 = _f32(a)  # float32 inside for half-precision input: the row sum
@@ -43,8 +44,9 @@ class Softmax(Function):
 
     def backward(self, g):
         if self.kernel:
-            gx = np.array(g, np.float32, order="C")
-            kernels.module().softmax_backward_rows(self.out.reshape(-1, gx.shape[-1]), gx.reshape(-1, gx.shape[-1]))
+            g, gx = np.ascontiguousarray(g, np.float32), np.empty(self.out.shape, np.float32)
+            rows = (-1, gx.shape[-1])
+            kernels.module().softmax_backward_rows_to(self.out.reshape(rows), g.reshape(rows), gx.reshape(rows))
             return gx
         p, g32 = _f32(self.out), _f32(g)
         return (p * (g32 - (g32 * p).sum(axis=self.axis, keepdims=True))).astype(g.dtype, copy=False)
