@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .. import backend, kernels, workers
+from .. import backend, kernels
 from ..backend import xp_of
 from ..tensor import Function, register
 from .basic import unbroadcast
@@ -82,17 +82,6 @@ def cached_attention(qkv, keys, values, start, n_head):
     return merge_heads(att_t.swapaxes(-1, -2) @ values[:, :, :end])
 
 
-def _splittable(q, k, v):
-    """Whether the attention runs in parts on ``workers.split``'s threads: float32 NumPy arrays with
-    the kernels on, one leading shape (no broadcasting), and small problems only: an attention
-    matrix below the kernels' parallel threshold (above it the softmax kernels use every core
-    themselves, and OpenBLAS threads each product) and more than one part to give out."""
-    kern = kernels.for_arrays(q, k, v, contiguous=False)
-    if kern is None or q.ndim < 3 or not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
-        return False
-    return math.prod(q.shape[:-1]) * k.shape[-2] < kern.PARALLEL_MIN and workers.parts(q.shape[0]) > 1
-
-
 @register
 class ScaledDotProductAttention(Function):
     """softmax(q k^T * scale [+ causal mask]) v, with optional dropout on the weights.
@@ -117,9 +106,6 @@ class ScaledDotProductAttention(Function):
         if causal and q.shape[-2] > k.shape[-2]:
             raise ValueError(f"causal attention needs at most as many queries as keys, got {q.shape[-2]} > {k.shape[-2]}")
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        self.split = dropout_p == 0 and _splittable(q, k, v)
-        if self.split:
-            return self._attend_split(q, k, v, causal)
         qs = q * q.dtype.type(self.scale)  # scaling q is cheaper than scaling q k^T
         att_t = attention_weights_t(qs, k, causal)
         self.att_t, self.qs, self.k, self.v = att_t, qs, k, v
@@ -140,45 +126,7 @@ class ScaledDotProductAttention(Function):
             self.mask_t = mask.swapaxes(-1, -2)
         return (att_t if self.mask_t is None else att_t * self.mask_t).swapaxes(-1, -2) @ v
 
-    def _attend_split(self, q, k, v, causal):
-        """The kernel path of ``_attend`` without dropout, in parts of the leading axis on
-        ``workers.split``'s threads (see ``_splittable``); the same products and rows per problem."""
-        kern, (t_q, t_k) = kernels.module(), (q.shape[-2], k.shape[-2])
-        qs = np.empty(q.shape, q.dtype)
-        att = np.empty(q.shape[:-1] + (t_k,), q.dtype)  # (..., Tq, Tk): the kernel's rows
-        y = np.empty(q.shape[:-1] + v.shape[-1:], q.dtype)
-        scale = q.dtype.type(self.scale)
-
-        def part(lo, hi):
-            np.multiply(q[lo:hi], scale, out=qs[lo:hi])
-            np.matmul(qs[lo:hi], k[lo:hi].swapaxes(-1, -2), out=att[lo:hi])
-            kern.softmax_rows(att[lo:hi].reshape(-1, t_k), t_q, causal)
-            np.matmul(att[lo:hi], v[lo:hi], out=y[lo:hi])
-        workers.split(part, q.shape[0])
-        self.att_t, self.qs, self.k, self.v = att.swapaxes(-1, -2), qs, k, v
-        self.mask_t = self.keep = None
-        return y
-
-    def _attend_backward_split(self, g):
-        kern, att = kernels.module(), self.att_t.swapaxes(-1, -2)  # C-contiguous (..., Tq, Tk)
-        t_k = att.shape[-1]
-        gq, gk, gv = np.empty(self.qs.shape, g.dtype), np.empty(self.k.shape, g.dtype), np.empty(self.v.shape, g.dtype)
-        scale = g.dtype.type(self.scale)
-
-        def part(lo, hi):
-            a, gp = att[lo:hi], g[lo:hi]
-            np.matmul(a.swapaxes(-1, -2), gp, out=gv[lo:hi])
-            ga = gp @ self.v[lo:hi].swapaxes(-1, -2)  # d loss / d weights, (..., Tq, Tk)
-            kern.softmax_backward_rows(a.reshape(-1, t_k), ga.reshape(-1, t_k))
-            np.matmul(ga, self.k[lo:hi], out=gq[lo:hi])
-            gq[lo:hi] *= scale
-            np.matmul(ga.swapaxes(-1, -2), self.qs[lo:hi], out=gk[lo:hi])
-        workers.split(part, g.shape[0])
-        return gq, gk, gv
-
     def _attend_backward(self, g):
-        if self.split and kernels.for_arrays(g, contiguous=False) is not None and g.shape[:-2] == self.qs.shape[:-2]:
-            return self._attend_backward_split(g)
         xp = xp_of(g)
         att_t, mask_t = self.att_t, self.mask_t
         if self.keep is not None:
