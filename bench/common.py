@@ -78,8 +78,7 @@ def take_turns(sides, rounds: int, pause: float = 0.5):
 
 # the environment variables that change how either side uses the cores
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_NUM_THREADS",
-              "NUMBA_THREADING_LAYER", "TINYTENSOR_KERNELS", "TINYTENSOR_THREADS", "TINYTENSOR_PARALLEL_MIN",
-              "TINYTENSOR_SPLIT")
+              "NUMBA_THREADING_LAYER", "TINYTENSOR_KERNELS", "TINYTENSOR_THREADS", "TINYTENSOR_PARALLEL_MIN")
 
 
 def describe_machine(info: dict) -> str:
