@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..backend import xp_of
 from ..tensor import Function, register
 from .quant import dequantize_blockwise
@@ -41,11 +41,20 @@ class LoraLinear(Function):
                              f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
         x2 = x.reshape(-1, x.shape[-1])  # rows = tokens: the fast layout for BLAS
         self.mask = None
-        if p > 0:  # drawn exactly as the Dropout primitive draws (one generator, same order)
-            keep = backend.uniform(xp_of(x), x2.shape) >= p
+        h2 = x2
+        if p > 0:  # drawn exactly as the Dropout primitive draws (one key from the generator, same order)
+            key, scale = backend.dropout_key(), x.dtype.type(1.0 / (1.0 - p))
+            kern = kernels.for_arrays(x2)
+            if kern is not None:  # the mask's floats made where they are used (the same bits as below)
+                keep, h2 = np.empty(x2.shape, np.bool_), np.empty_like(x2)
+                kern.dropout_forward(x2.reshape(-1), np.uint64(key), np.float32(p), scale, keep.reshape(-1),
+                                     h2.reshape(-1))
+            else:
+                keep = backend.keyed_uniform(xp_of(x), key, x2.shape) >= p
             self.mask = keep.astype(x.dtype)
-            self.mask *= 1.0 / (1.0 - p)
-        h2 = x2 if self.mask is None else x2 * self.mask
+            self.mask *= scale
+            if kern is None:
+                h2 = x2 * self.mask
         ts = backend.matmul(h2, lora_A.T)  # (N, rank): thin, so scaling here costs nothing
         ts *= self.scaling
         y = backend.matmul(x2, w.T)
