@@ -8,7 +8,9 @@ x's gradient (the two branches' gradients summed by the engine): on the full pre
 more memory than full fine-tuning needs. Fused, the update is added into the base's output in
 place, backward adds the thin branch into the base's input gradient in place, and the only
 thing kept beyond the inputs is the (tokens, rank) product ``s * drop(x) @ A.T`` (and the
-dropout mask when dropout is on).
+dropout mask when dropout is on). Without dropout, on a float base, the layer is one product with
+``W + s B A`` (an (out, in) sum, kept for backward's input gradient): no pass over the (tokens, out)
+output or the (tokens, in) gradient for the thin branch at all.
 
 The frozen weight is an input (float base, ``W`` gets a gradient only if it requires one) or
 attributes (a quantized base: ``quant=(q, scale, bits, block)``, dequantized on the fly in
@@ -57,10 +59,22 @@ class LoraLinear(Function):
                 h2 = x2 * self.mask
         ts = backend.matmul(h2, lora_A.T)  # (N, rank): thin, so scaling here costs nothing
         ts *= self.scaling
-        y = backend.matmul(x2, w.T)
-        if bias is not None:
-            y += bias
-        y += backend.matmul(ts, lora_B.T)
+        self.w_eff = None
+        if self.mask is None and quant is None:
+            # no dropout, float base: the adapter's input is the base's, so x (W + s B A)^T is the whole layer in one
+            # product; the (out, in) sum costs out*in*rank, where ts @ B^T and adding it in would be two
+            # more passes over the (N, out) output (and backward's over the (N, in) gradient)
+            self.w_eff = backend.matmul(lora_B, lora_A)
+            self.w_eff *= self.scaling
+            self.w_eff += w
+            y = backend.matmul(x2, self.w_eff.T)
+            if bias is not None:
+                y += bias
+        else:
+            y = backend.matmul(x2, w.T)
+            if bias is not None:
+                y += bias
+            y += backend.matmul(ts, lora_B.T)
         self.x2, self.x_shape, self.weight, self.A, self.B, self.ts = x2, x.shape, weight, lora_A, lora_B, ts
         self.has_bias = has_bias
         return y.reshape(*x.shape[:-1], w.shape[0])
@@ -69,7 +83,7 @@ class LoraLinear(Function):
         need_x, need_a, need_b = self.needs_grad[:3]
         need_w = self.weight is not None and self.needs_grad[3]
         g2 = g.reshape(-1, g.shape[-1])
-        gts = backend.matmul(g2, self.B) if (need_x or need_a) else None  # (N, rank)
+        gts = backend.matmul(g2, self.B) if (need_a or need_x and self.w_eff is None) else None  # (N, rank)
         if gts is not None:
             gts *= self.scaling  # now the gradient of drop(x) @ A.T
         gx = ga = gb = gw = None
@@ -78,7 +92,9 @@ class LoraLinear(Function):
         if need_a:
             h2 = self.x2 if self.mask is None else self.x2 * self.mask
             ga = backend.matmul(gts.T, h2)
-        if need_x:
+        if need_x and self.w_eff is not None:
+            gx = backend.matmul(g2, self.w_eff).reshape(self.x_shape)
+        elif need_x:
             w = self.weight if self.quant is None else dequantize_blockwise(*self.quant, dtype=g.dtype)
             gx = backend.matmul(g2, w)
             thin = backend.matmul(gts, self.A)
