@@ -18,7 +18,6 @@ multiplied with BLAS, so no full float32 copy exists at any time.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 import tinytensor as tt
@@ -184,8 +183,6 @@ def quantize_int8(model, rows=None):
     if quant is not None:
         quant.warm_up()  # loaded (or compiled) now, not inside the first token
     return model
-
-
 
 
 def weight_bytes(model) -> int:

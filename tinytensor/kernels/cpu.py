@@ -29,6 +29,8 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
+from ..backend import SPLITMIX_GAMMA as _GAMMA, SPLITMIX_M1 as _M1, SPLITMIX_M2 as _M2
+
 # reassoc/contract: vectorised reductions and FMAs; arcp: x / y as x * (1/y). No nnan/ninf.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _parallel = dict(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -336,7 +338,6 @@ def softmax_dropout_backward_rows(p, keep, scale, g):
 #      where kept, else x * 0 (the NumPy path's x * mask, bit for bit). u is computed here from the
 #      mask's key: SplitMix64's stream, the floats tinytensor.backend.keyed_uniform returns.
 
-_GAMMA, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
 
 
@@ -357,6 +358,14 @@ def dropout_forward(x, key, p, scale, keep, y):
         k = _keyed_unit(key, i) >= p
         keep[i] = k
         y[i] = x[i] * (scale if k else _f(0.0))
+
+
+def dropout(x, key, p, scale):
+    """(x * mask, the bool mask) for a C-contiguous float32 x: the keyed mask made in one pass
+    (the callers: F.dropout, attention's weights, LoRA's input)."""
+    keep, y = np.empty(x.shape, np.bool_), np.empty(x.shape, np.float32)
+    dropout_forward(x.reshape(-1), np.uint64(key), np.float32(p), np.float32(scale), keep.reshape(-1), y.reshape(-1))
+    return y, keep
 
 
 @kernel

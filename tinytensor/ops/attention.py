@@ -115,10 +115,8 @@ class ScaledDotProductAttention(Function):
             att = att_t.swapaxes(-1, -2)
             kern = kernels.for_arrays(att)  # C-contiguous when the forward ran the softmax kernel
             if kern is not None:  # one pass: a bool mask and the dropped weights, kept for backward
-                self.keep, self.dropped = np.empty(att.shape, np.bool_), np.empty_like(att)
                 self.drop_scale = np.float32(1.0 / (1.0 - dropout_p))
-                kern.dropout_forward(att.reshape(-1), np.uint64(key), np.float32(dropout_p), self.drop_scale,
-                                     self.keep.reshape(-1), self.dropped.reshape(-1))
+                self.dropped, self.keep = kern.dropout(att, key, dropout_p, self.drop_scale)
                 return self.dropped @ v
             u = backend.keyed_uniform(xp, key, att_t.shape[:-2] + att_t.shape[-1:] + att_t.shape[-2:-1])
             mask = (u >= dropout_p).astype(att_t.dtype)

@@ -354,10 +354,8 @@ class Dropout(Function):
         key = backend.dropout_key()
         k = kernels.for_arrays(x, contiguous=False)
         if k is not None:  # one pass drawing as it goes; keeps a bool mask (the same bits as below)
-            x, y = np.ascontiguousarray(x), np.empty(x.shape, np.float32)
-            self.mask, self.keep, self.scale = None, np.empty(x.shape, np.bool_), np.float32(1.0 / (1.0 - p))
-            k.dropout_forward(x.reshape(-1), np.uint64(key), np.float32(p), self.scale, self.keep.reshape(-1),
-                              y.reshape(-1))
+            self.mask, self.scale = None, np.float32(1.0 / (1.0 - p))
+            y, self.keep = k.dropout(np.ascontiguousarray(x), key, p, self.scale)
             return y
         self.mask = (backend.keyed_uniform(xp, key, x.shape) >= p).astype(x.dtype)
         self.mask *= 1.0 / (1.0 - p)

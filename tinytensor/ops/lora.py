@@ -48,9 +48,7 @@ class LoraLinear(Function):
             key, scale = backend.dropout_key(), x.dtype.type(1.0 / (1.0 - p))
             kern = kernels.for_arrays(x2)
             if kern is not None:  # the mask's floats made where they are used (the same bits as below)
-                keep, h2 = np.empty(x2.shape, np.bool_), np.empty_like(x2)
-                kern.dropout_forward(x2.reshape(-1), np.uint64(key), np.float32(p), scale, keep.reshape(-1),
-                                     h2.reshape(-1))
+                h2, keep = kern.dropout(x2, key, p, scale)
             else:
                 keep = backend.keyed_uniform(xp_of(x), key, x2.shape) >= p
             self.mask = keep.astype(x.dtype)
@@ -61,19 +59,16 @@ class LoraLinear(Function):
         ts *= self.scaling
         self.w_eff = None
         if self.mask is None and quant is None:
-            # no dropout, float base: the adapter's input is the base's, so x (W + s B A)^T is the whole layer in one
-            # product; the (out, in) sum costs out*in*rank, where ts @ B^T and adding it in would be two
-            # more passes over the (N, out) output (and backward's over the (N, in) gradient)
+            # no dropout, float base: the adapter's input is the base's, so x (W + s B A)^T is the whole
+            # layer in one product; the (out, in) sum costs out*in*rank, where ts @ B^T and adding it in
+            # would be two more passes over the (N, out) output (and backward's over the (N, in) gradient)
             self.w_eff = backend.matmul(lora_B, lora_A)
             self.w_eff *= self.scaling
             self.w_eff += w
-            y = backend.matmul(x2, self.w_eff.T)
-            if bias is not None:
-                y += bias
-        else:
-            y = backend.matmul(x2, w.T)
-            if bias is not None:
-                y += bias
+        y = backend.matmul(x2, (w if self.w_eff is None else self.w_eff).T)
+        if bias is not None:
+            y += bias
+        if self.w_eff is None:
             y += backend.matmul(ts, lora_B.T)
         self.x2, self.x_shape, self.weight, self.A, self.B, self.ts = x2, x.shape, weight, lora_A, lora_B, ts
         self.has_bias = has_bias
